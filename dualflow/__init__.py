@@ -1,0 +1,40 @@
+"""dualflow: Bayesian neural networks by deterministic message passing in JAX.
+
+Forward = filtering (Gaussian moments through each layer), backward =
+smoothing (the belief-propagation rule as ``jax.custom_vjp``).  Reference:
+"Duality of information flow: insights in graphical models and neural networks".
+
+Public layout:
+  dualflow.Gaussian       element-wise Gaussian pytree
+  dualflow.moments        pure moment rules (dense, conv, activations, pooling...)
+  dualflow.smoothing      smoothed moments implied by gradients (Theorem 1)
+  dualflow.objectives     regression/classification heads, KL, negative ELBO
+  dualflow.pgm            exact references: Gaussian chain, Kalman/RTS, HMM
+"""
+
+from dualflow import moments, objectives, pgm, smoothing
+from dualflow.gaussian import (
+    Gaussian,
+    as_gaussian,
+    debug_checks_enabled,
+    set_debug_checks,
+    validate,
+)
+from dualflow.smoothing import posterior_moments, smoothed_moments
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Gaussian",
+    "__version__",
+    "as_gaussian",
+    "debug_checks_enabled",
+    "moments",
+    "objectives",
+    "pgm",
+    "posterior_moments",
+    "set_debug_checks",
+    "smoothed_moments",
+    "smoothing",
+    "validate",
+]

@@ -1,0 +1,57 @@
+"""Pure moment rules: map `Gaussian` beliefs through layers.
+
+Every op is a pure function of (input belief, weight moments), jit/vmap/grad
+safe, works in float32 and float64, and takes ``backward="bp"`` (the
+belief-propagation rule, default) or ``backward="autodiff"``.  Activations
+take ``mode="linearized"`` (Algorithm 1) or ``mode="matched"``.
+"""
+
+from dualflow.moments._backward import BACKWARDS
+from dualflow.moments.activations import (
+    ACTIVATIONS,
+    MODES,
+    activation,
+    erf,
+    gelu,
+    heaviside,
+    identity,
+    leaky_relu,
+    probit,
+    relu,
+    sigmoid,
+    silu,
+    softplus,
+    tanh,
+)
+from dualflow.moments.combine import add, concatenate, flatten, reshape, scale
+from dualflow.moments.linear import bilinear_moments, conv, dense
+from dualflow.moments.pooling import avg_pool, global_avg_pool, max_pool
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKWARDS",
+    "MODES",
+    "activation",
+    "add",
+    "avg_pool",
+    "bilinear_moments",
+    "concatenate",
+    "conv",
+    "dense",
+    "erf",
+    "flatten",
+    "gelu",
+    "global_avg_pool",
+    "heaviside",
+    "identity",
+    "leaky_relu",
+    "max_pool",
+    "probit",
+    "relu",
+    "reshape",
+    "scale",
+    "sigmoid",
+    "silu",
+    "softplus",
+    "tanh",
+]

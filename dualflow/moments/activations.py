@@ -1,0 +1,288 @@
+"""Element-wise activations mapping ``N(m, v)`` to a Gaussian, in two modes.
+
+``mode="linearized"`` (Duality of information flow, Algorithm 1): first-order
+Taylor expansion at the mean, ``mean = f(m)``, ``var = f'(m)^2 v``.  Exact only
+for affine ``f``; it ignores curvature (e.g. ReLU's mean shift near 0).
+
+``mode="matched"``: the exact Gaussian moments ``E[f(a)]``, ``Var[f(a)]`` for
+``a ~ N(m, v)``.  Closed forms for relu, leaky_relu, erf, probit (Gaussian
+CDF) and heaviside; fixed-order Gauss-Hermite quadrature for tanh, sigmoid,
+softplus, gelu and silu (accurate to ~1e-6 for std <= 3, see
+:mod:`dualflow.moments._closed_forms`).  The output is then *projected* back
+onto a Gaussian (it is not Gaussian).
+
+Backward rules (``backward=``):
+
+* ``"bp"`` (default): belief-propagation rule of Algorithm 1 / Theorem 1(3).
+  The activation is a Gaussian-linear transition ``x = c + J a + e`` with
+  slope ``J`` (``f'(m)`` when linearized; the statistical-linearisation slope
+  ``E[f'(a)] = Cov(f(a), a)/v`` when matched) and residual noise ``e`` held
+  fixed.  Sensitivities propagate as
+  ``dJ/dm_in = J * dJ/dm_out`` and ``dJ/dv_in = J^2 * dJ/dv_out``.
+  Only ``J`` is saved for the backward pass.
+  Where this differs from autodiff of the same forward:
+
+  - linearized: autodiff adds ``2 f'(m) f''(m) v * dJ/dv_out`` to ``dJ/dm_in``
+    (the dependence of the Jacobian on the mean); BP drops it.
+  - matched: ``dJ/dm_in`` from the mean path is exact (Stein's lemma:
+    ``d E[f(a)]/dm = E[f'(a)]``); BP drops ``dVar/dm * dJ/dv_out`` and
+    ``dE/dv * dJ/dm_out`` and replaces ``dVar/dv`` by ``J^2``.
+
+  Both differences vanish as ``v -> 0`` (Theorem 2(3): BP degenerates into
+  ordinary backprop), and are zero for the identity.
+* ``"autodiff"``: reverse mode through the forward formulas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import erf as _erf
+from jax.scipy.special import ndtr
+
+from dualflow.gaussian import Gaussian, as_gaussian
+from dualflow.moments import _closed_forms as cf
+from dualflow.moments._backward import check_backward
+
+Array = jax.Array
+
+MODES = ("linearized", "matched")
+
+__all__ = [
+    "ACTIVATIONS",
+    "MODES",
+    "activation",
+    "erf",
+    "gelu",
+    "heaviside",
+    "identity",
+    "leaky_relu",
+    "probit",
+    "relu",
+    "sigmoid",
+    "silu",
+    "softplus",
+    "tanh",
+]
+
+_SQRT_2PI_INV = 0.3989422804014327
+
+
+def _phi(x):
+    return _SQRT_2PI_INV * jnp.exp(-0.5 * x * x)
+
+
+# f and f' of each activation (used by the linearized mode and by quadrature).
+def _relu(x):
+    return jnp.maximum(x, 0)
+
+
+def _drelu(x):
+    return (x > 0).astype(x.dtype)
+
+
+def _sigmoid(x):
+    return jax.nn.sigmoid(x)
+
+
+def _dsigmoid(x):
+    s = jax.nn.sigmoid(x)
+    return s * (1 - s)
+
+
+def _tanh(x):
+    return jnp.tanh(x)
+
+
+def _dtanh(x):
+    t = jnp.tanh(x)
+    return 1 - t * t
+
+
+def _softplus(x):
+    return jax.nn.softplus(x)
+
+
+def _gelu(x):  # exact GELU x * Phi(x)
+    return x * ndtr(x)
+
+
+def _dgelu(x):
+    return ndtr(x) + x * _phi(x)
+
+
+def _silu(x):
+    return x * jax.nn.sigmoid(x)
+
+
+def _dsilu(x):
+    s = jax.nn.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _derf(x):
+    return 1.1283791670955126 * jnp.exp(-x * x)
+
+
+def _heaviside(x):
+    return (x > 0).astype(x.dtype)
+
+
+def _zero(x):
+    return jnp.zeros_like(x)
+
+
+_FUNCS: dict[str, tuple[Callable, Callable]] = {
+    "relu": (_relu, _drelu),
+    "tanh": (_tanh, _dtanh),
+    "sigmoid": (_sigmoid, _dsigmoid),
+    "softplus": (_softplus, _sigmoid),
+    "gelu": (_gelu, _dgelu),
+    "silu": (_silu, _dsilu),
+    "erf": (_erf, _derf),
+    "probit": (ndtr, _phi),
+    "heaviside": (_heaviside, _zero),
+}
+_CLOSED_FORM = {
+    "relu": cf.relu_moments,
+    "erf": cf.erf_moments,
+    "probit": cf.probit_moments,
+    "heaviside": cf.heaviside_moments,
+}
+ACTIVATIONS = ("identity", "leaky_relu", *_FUNCS)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kernel:
+    """Hashable ``(m, v) -> (mean, var, gain)`` for one activation and mode."""
+
+    name: str
+    mode: str
+    negative_slope: float = 0.01
+    order: int = 32
+
+    def __call__(self, m: Array, v: Array) -> tuple[Array, Array, Array]:
+        if self.name == "leaky_relu":
+            a = self.negative_slope
+            if self.mode == "matched":
+                return cf.leaky_relu_moments(m, v, a)
+            g = jnp.where(m > 0, 1.0, a).astype(m.dtype)
+            return jnp.where(m > 0, m, a * m), g * g * v, g
+        f, df = _FUNCS[self.name]
+        if self.mode == "linearized":
+            g = df(m)
+            return f(m), g * g * v, g
+        if self.name in _CLOSED_FORM:
+            return _CLOSED_FORM[self.name](m, v)
+        return cf.gauss_hermite_moments(f, df, m, v, order=self.order)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _elementwise_bp(kernel: _Kernel, m: Array, v: Array):
+    mean, var, _ = kernel(m, v)
+    return mean, var
+
+
+def _elementwise_bp_fwd(kernel, m, v):
+    mean, var, gain = kernel(m, v)
+    return (mean, var), gain  # the smoothing gain is all BP needs
+
+
+def _elementwise_bp_bwd(kernel, gain, cot):
+    g_mean, g_var = cot
+    return gain * g_mean, gain * gain * g_var
+
+
+_elementwise_bp.defvjp(_elementwise_bp_fwd, _elementwise_bp_bwd)
+
+
+def _apply(kernel: _Kernel, x, backward: str) -> Gaussian:
+    if kernel.mode not in MODES:
+        raise ValueError(
+            f"{kernel.name}: mode={kernel.mode!r} is not one of {MODES}."
+        )
+    check_backward(backward, kernel.name)
+    x = as_gaussian(x, f"{kernel.name} input")
+    if backward == "autodiff":
+        mean, var, _ = kernel(x.mean, x.var)
+    else:
+        mean, var = _elementwise_bp(kernel, x.mean, x.var)
+    return Gaussian(mean, var)
+
+
+def identity(x, *, mode: str = "linearized", backward: str = "bp") -> Gaussian:
+    """Identity: returns the input belief unchanged (both modes agree)."""
+    if mode not in MODES:
+        raise ValueError(f"identity: mode={mode!r} is not one of {MODES}.")
+    check_backward(backward, "identity")
+    return as_gaussian(x, "identity input")
+
+
+def _make(name: str, doc: str):
+    def act(x, *, mode: str = "linearized", backward: str = "bp",
+            quadrature_order: int = 32) -> Gaussian:
+        return _apply(_Kernel(name, mode, order=int(quadrature_order)), x, backward)
+
+    act.__name__ = name
+    act.__qualname__ = name
+    act.__doc__ = (
+        f"{doc}\n\n    Args:\n      x: `Gaussian` (or array = point) of any shape.\n"
+        "      mode: 'linearized' (Algorithm 1) or 'matched' (exact moments).\n"
+        "      backward: 'bp' (smoothing-gain rule) or 'autodiff'.\n"
+        "      quadrature_order: Gauss-Hermite order where matched moments use"
+        " quadrature.\n\n    Returns:\n      `Gaussian` of the same shape.\n    "
+    )
+    return act
+
+
+relu = _make("relu", "ReLU; matched: closed form (m Phi(h) + s phi(h), h = m/s).")
+tanh = _make("tanh", "tanh; matched: Gauss-Hermite quadrature.")
+sigmoid = _make("sigmoid", "Logistic sigmoid; matched: Gauss-Hermite quadrature.")
+softplus = _make("softplus", "softplus log(1+e^x); matched: Gauss-Hermite quadrature.")
+gelu = _make("gelu", "Exact GELU x Phi(x); matched: Gauss-Hermite quadrature.")
+silu = _make("silu", "SiLU / swish x sigmoid(x); matched: Gauss-Hermite quadrature.")
+erf = _make("erf", "erf; matched: closed form via Plackett's identity.")
+probit = _make("probit", "Standard normal CDF Phi; matched: closed form (probit).")
+heaviside = _make(
+    "heaviside",
+    "Step 1[x > 0]; matched: Bernoulli(Phi(h)) moments. Linearized: f' = 0, so the"
+    " variance is 0 (the delta at 0 is dropped).",
+)
+
+
+def leaky_relu(x, *, negative_slope: float = 0.01, mode: str = "linearized",
+               backward: str = "bp") -> Gaussian:
+    """Leaky ReLU (slope ``negative_slope`` for x < 0); matched: closed form."""
+    return _apply(_Kernel("leaky_relu", mode, float(negative_slope)), x, backward)
+
+
+_PUBLIC = {
+    "identity": identity,
+    "relu": relu,
+    "leaky_relu": leaky_relu,
+    "tanh": tanh,
+    "sigmoid": sigmoid,
+    "softplus": softplus,
+    "gelu": gelu,
+    "silu": silu,
+    "swish": silu,
+    "erf": erf,
+    "probit": probit,
+    "heaviside": heaviside,
+}
+
+
+def activation(name: str, x, *, mode: str = "linearized", backward: str = "bp",
+               **kwargs) -> Gaussian:
+    """Apply the activation called ``name`` (see ``ACTIVATIONS``)."""
+    try:
+        fn = _PUBLIC[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; choose one of {sorted(_PUBLIC)}."
+        ) from None
+    return fn(x, mode=mode, backward=backward, **kwargs)

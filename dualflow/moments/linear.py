@@ -1,0 +1,267 @@
+"""Moment rules for layers with mean-field Gaussian weights: dense and convolution.
+
+For one output unit ``a = sum_i W_i x_i`` with independent ``W_i ~ N(mu_i, s2_i)``
+and ``x_i ~ N(m_i, P_i)`` (independent of the weights and of each other):
+
+    E[a]   = sum_i m_i mu_i
+    Var[a] = sum_i (m_i^2 + P_i) s2_i + P_i mu_i^2
+
+which is exact for the stated independence (Duality of information flow,
+Algorithm 1 and Sec. 3.3: the variance is propagated "twice", once through
+``mu^2`` and once through ``sigma^2``).  What is *not* represented is the
+covariance between output units that share inputs: outputs are returned as
+independent (diagonal) Gaussians.
+
+Backward rules (``backward=``):
+
+* ``"bp"`` (default): a `jax.custom_vjp` that keeps only ``(m, P)`` of the
+  input (plus the weights) and applies the adjoint of the Gaussian-linear
+  transition, including the dependence of the weight noise ``s2 * m^2`` on
+  the incoming mean.  For these layers the map is exactly bilinear, so this
+  equals reverse-mode autodiff (tested to float64 precision).
+* ``"bp_fixed_noise"``: the literal App. A rule of the paper, which treats the
+  process noise ``Q = s2 (m^2 + P)`` as a constant when propagating the input
+  sensitivities: ``dJ/dm_in = mu^T dJ/dm_out`` and ``dJ/dP_in = (mu^2)^T dJ/dP_out``.
+  Weight gradients are unchanged.  It is *not* the gradient of the forward;
+  offered to reproduce the paper and to compare.
+* ``"autodiff"``: plain reverse mode through the forward formulas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dualflow.gaussian import Gaussian, as_gaussian
+from dualflow.moments._backward import check_backward
+
+Array = jax.Array
+
+__all__ = ["conv", "dense", "bilinear_moments"]
+
+
+# --------------------------------------------------------------------------
+# bilinear core shared by dense and conv
+# --------------------------------------------------------------------------
+def _forward(op, m, P, mu, s2):
+    mean = op(m, mu)
+    var = op(m * m, s2) + op(P, mu * mu + s2)
+    return mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _bilinear_bp(op, fixed_noise: bool, m, P, mu, s2):
+    return _forward(op, m, P, mu, s2)
+
+
+def _bilinear_bp_fwd(op, fixed_noise, m, P, mu, s2):
+    # Residuals: the filtered input moments and the weight moments only.
+    return _forward(op, m, P, mu, s2), (m, P, mu, s2)
+
+
+def _bilinear_bp_bwd(op, fixed_noise, res, cot):
+    m, P, mu, s2 = res
+    g_mean, g_var = cot
+    # op is bilinear, so each vjp below is a pair of transposed linear maps.
+    _, vjp_mean = jax.vjp(op, m, mu)
+    lhs_mean, rhs_mean = vjp_mean(g_mean)  # mu^T g_mean, m^T g_mean
+    _, vjp_pvar = jax.vjp(op, P, mu * mu + s2)
+    lhs_pvar, rhs_pvar = vjp_pvar(g_var)  # (mu^2+s2)^T g_var, P^T g_var
+    _, vjp_mvar = jax.vjp(op, m * m, s2)
+    lhs_mvar, rhs_mvar = vjp_mvar(g_var)  # s2^T g_var, (m^2)^T g_var
+
+    g_mu = rhs_mean + 2.0 * mu * rhs_pvar
+    g_s2 = rhs_pvar + rhs_mvar
+    if fixed_noise:
+        # Paper App. A: process noise s2*(m^2+P) held fixed w.r.t. the input.
+        _, vjp_mu2 = jax.vjp(lambda a: op(a, mu * mu), P)
+        (g_P,) = vjp_mu2(g_var)
+        g_m = lhs_mean
+    else:
+        g_m = lhs_mean + 2.0 * m * lhs_mvar
+        g_P = lhs_pvar
+    return g_m, g_P, g_mu, g_s2
+
+
+_bilinear_bp.defvjp(_bilinear_bp_fwd, _bilinear_bp_bwd)
+
+
+def bilinear_moments(
+    op, x: Gaussian, w_mean: Array, w_var: Array, *, backward: str = "bp"
+) -> Gaussian:
+    """Moments of ``op(x, W)`` for any op bilinear in ``(x, W)`` (matmul, conv, einsum).
+
+    ``op`` must be a hashable callable (a module-level function or a frozen
+    dataclass) because it is a static argument of the custom VJP.
+    """
+    check_backward(backward, "bilinear_moments")
+    m, P = x.mean, x.var
+    mu = jnp.asarray(w_mean, m.dtype)
+    s2 = jnp.asarray(w_var, m.dtype)
+    if backward == "autodiff":
+        mean, var = _forward(op, m, P, mu, s2)
+    else:
+        mean, var = _bilinear_bp(op, backward == "bp_fixed_noise", m, P, mu, s2)
+    return Gaussian(mean, var)
+
+
+def _add_bias(y: Gaussian, b_mean, b_var) -> Gaussian:
+    mean, var = y.mean, y.var
+    if b_mean is not None:
+        mean = mean + jnp.asarray(b_mean, mean.dtype)
+    if b_var is not None:
+        var = var + jnp.asarray(b_var, var.dtype)
+    return Gaussian(mean, var)
+
+
+# --------------------------------------------------------------------------
+# dense
+# --------------------------------------------------------------------------
+def _matmul(x, w):
+    return jnp.matmul(x, w, precision=lax.Precision.HIGHEST)
+
+
+def dense(
+    x: Gaussian | Array,
+    w_mean: Array,
+    w_var: Array,
+    b_mean: Array | None = None,
+    b_var: Array | None = None,
+    *,
+    backward: str = "bp",
+) -> Gaussian:
+    """Dense layer with mean-field Gaussian weights.
+
+    Args:
+      x: input `Gaussian` (or array, treated as a point) of shape ``[..., d_in]``.
+      w_mean, w_var: weight means and variances ``[d_in, d_out]`` (``w_var >= 0``).
+      b_mean, b_var: optional bias moments ``[d_out]``.
+      backward: ``"bp"``, ``"bp_fixed_noise"`` or ``"autodiff"`` (module doc).
+
+    Returns:
+      `Gaussian` ``[..., d_out]`` with ``mean = x̂ mu + b`` and
+      ``var = (x̂^2 + P) s2 + P mu^2 + s2_b``; exact for independent inputs and
+      weights, output covariances dropped.
+    """
+    x = as_gaussian(x, "dense input")
+    w_mean = jnp.asarray(w_mean)
+    if w_mean.ndim != 2 or jnp.shape(w_var) != w_mean.shape:
+        raise ValueError(
+            f"dense: w_mean {w_mean.shape} and w_var {jnp.shape(w_var)} must both be"
+            " [d_in, d_out]."
+        )
+    if x.shape[-1:] != w_mean.shape[:1]:
+        raise ValueError(
+            f"dense: input feature size {x.shape[-1:]} does not match w_mean"
+            f" {w_mean.shape} (expected [..., {w_mean.shape[0]}])."
+        )
+    y = bilinear_moments(_matmul, x, w_mean, w_var, backward=backward)
+    return _add_bias(y, b_mean, b_var)
+
+
+# --------------------------------------------------------------------------
+# convolution
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _ConvOp:
+    """Hashable ``lax.conv_general_dilated`` with fixed static settings."""
+
+    window_strides: tuple[int, ...]
+    padding: Any  # str or tuple of (lo, hi) pairs
+    lhs_dilation: tuple[int, ...] | None
+    rhs_dilation: tuple[int, ...] | None
+    dimension_numbers: Any
+    feature_group_count: int
+
+    def __call__(self, x, w):
+        return lax.conv_general_dilated(
+            x,
+            w,
+            window_strides=self.window_strides,
+            padding=self.padding,
+            lhs_dilation=self.lhs_dilation,
+            rhs_dilation=self.rhs_dilation,
+            dimension_numbers=self.dimension_numbers,
+            feature_group_count=self.feature_group_count,
+            precision=lax.Precision.HIGHEST,
+        )
+
+
+def _tuple(v, n: int, name: str) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(int(i) for i in v)
+    if len(v) != n:
+        raise ValueError(f"conv: {name} must have {n} entries, got {v}.")
+    return v
+
+
+def conv(
+    x: Gaussian | Array,
+    w_mean: Array,
+    w_var: Array,
+    b_mean: Array | None = None,
+    b_var: Array | None = None,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    input_dilation: int | Sequence[int] | None = None,
+    kernel_dilation: int | Sequence[int] | None = None,
+    feature_group_count: int = 1,
+    dimension_numbers: Any = None,
+    backward: str = "bp",
+) -> Gaussian:
+    """N-D convolution with mean-field Gaussian kernels (channels-last by default).
+
+    Args:
+      x: `Gaussian` (or array) ``[N, *spatial, C_in]`` (``NHWC``-style) unless
+        ``dimension_numbers`` says otherwise.
+      w_mean, w_var: kernel moments ``[*window, C_in / groups, C_out]`` (``HWIO``).
+      b_mean, b_var: optional ``[C_out]``.
+      strides, padding, input_dilation, kernel_dilation, feature_group_count,
+      dimension_numbers: as in ``lax.conv_general_dilated``.
+      backward: see module doc.
+
+    Returns:
+      `Gaussian` output; same rule as :func:`dense` applied per receptive field
+      (each output pixel is independent given the stated assumptions; zero
+      padding is a point at 0).
+    """
+    x = as_gaussian(x, "conv input")
+    w_mean = jnp.asarray(w_mean)
+    if jnp.shape(w_var) != w_mean.shape:
+        raise ValueError(f"conv: w_var {jnp.shape(w_var)} != w_mean {w_mean.shape}.")
+    nsp = x.ndim - 2
+    if nsp < 1 or w_mean.ndim != x.ndim:
+        raise ValueError(
+            f"conv: input {x.shape} and kernel {w_mean.shape} need the same rank >= 3"
+            " ([N, *spatial, C] and [*window, C_in/groups, C_out])."
+        )
+    if dimension_numbers is None:
+        sp = "DHW"[-nsp:] if nsp <= 3 else None
+        if sp is None:
+            raise ValueError("conv: pass dimension_numbers for more than 3 spatial dims.")
+        dimension_numbers = ("N" + sp + "C", sp + "IO", "N" + sp + "C")
+        if x.shape[-1] != w_mean.shape[-2] * feature_group_count:
+            raise ValueError(
+                f"conv: input channels {x.shape[-1]} != kernel in-channels"
+                f" {w_mean.shape[-2]} x feature_group_count {feature_group_count}."
+            )
+    if not isinstance(padding, str):
+        padding = tuple(tuple(int(a) for a in p) for p in padding)
+    op = _ConvOp(
+        window_strides=_tuple(strides, nsp, "strides"),
+        padding=padding,
+        lhs_dilation=None if input_dilation is None else _tuple(input_dilation, nsp, "input_dilation"),
+        rhs_dilation=None if kernel_dilation is None else _tuple(kernel_dilation, nsp, "kernel_dilation"),
+        dimension_numbers=dimension_numbers,
+        feature_group_count=int(feature_group_count),
+    )
+    y = bilinear_moments(op, x, w_mean, w_var, backward=backward)
+    return _add_bias(y, b_mean, b_var)
