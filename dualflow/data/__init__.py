@@ -1,0 +1,7 @@
+"""Data loaders.  The data directory comes from the config field ``data_dir``,
+then the ``DUALFLOW_DATA_DIR`` environment variable (see :func:`resolve_data_dir`)."""
+
+from dualflow.data.digits import load_sklearn_digits
+from dualflow.data.paths import DataNotFoundError, resolve_data_dir
+
+__all__ = ["DataNotFoundError", "load_sklearn_digits", "resolve_data_dir"]

@@ -1,0 +1,1 @@
+"""Training code.  For now: the offline digits demo behind ``scripts/train.py``."""
