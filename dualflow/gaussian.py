@@ -122,7 +122,9 @@ class Gaussian:
     def log_prob(self, x: ArrayLike) -> Array:
         """Element-wise log density ``log N(x; mean, var)`` (shape of the broadcast)."""
         x = jnp.asarray(x)
-        return -0.5 * (jnp.log(2 * math.pi * self.var) + (x - self.mean) ** 2 / self.var)
+        return -0.5 * (
+            jnp.log(2 * math.pi * self.var) + (x - self.mean) ** 2 / self.var
+        )
 
     def entropy(self) -> Array:
         return 0.5 * jnp.log(2 * math.pi * math.e * self.var)
@@ -164,7 +166,8 @@ def _host_value_check(mean: np.ndarray, var: np.ndarray, where: str) -> None:
         problems.append(f"{(var < 0).sum()} negative variances (min {var.min():.3g})")
     if problems:
         raise FloatingPointError(
-            f"dualflow debug check failed in {where}: " + ", ".join(problems)
+            f"dualflow debug check failed in {where}: "
+            + ", ".join(problems)
             + ". Lower the learning rate or the initial weight variance, or use"
             " float64 to locate the first bad layer."
         )

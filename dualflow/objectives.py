@@ -149,7 +149,9 @@ def categorical_nll(
 # KL and ELBO
 # --------------------------------------------------------------------------
 def kl_mean_field(
-    q_mean: Array, q_var: Array, prior_mean: Array | float = 0.0,
+    q_mean: Array,
+    q_var: Array,
+    prior_mean: Array | float = 0.0,
     prior_var: Array | float = 1.0,
 ) -> Array:
     """``KL(N(q_mean, q_var) || N(prior_mean, prior_var))`` summed over entries."""
@@ -159,8 +161,9 @@ def kl_mean_field(
     return jnp.sum(kl)
 
 
-def kl_divergence(posterior: Any, prior_var: float = 1.0, prior_mean: float = 0.0
-                  ) -> Array:
+def kl_divergence(
+    posterior: Any, prior_var: float = 1.0, prior_mean: float = 0.0
+) -> Array:
     """Sum of :func:`kl_mean_field` over every `Gaussian` leaf of a pytree."""
     leaves = jax.tree_util.tree_leaves(
         posterior, is_leaf=lambda x: isinstance(x, Gaussian)

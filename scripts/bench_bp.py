@@ -7,14 +7,16 @@ Prints, per model and activation mode, measured in one run:
   * residual bytes saved for the backward pass (excluding arguments), from
     ``jax.ad_checkpoint`` bookkeeping: BP / autodiff;
   * XLA temp bytes of the compiled gradient step: BP / autodiff;
-  * step time (value_and_grad, jitted, median of repeats): BP / autodiff and
-    BP / plain deterministic network with the same shapes.
+  * step time (value_and_grad, jitted, median of repeats; BP, autodiff and the
+    plain network take turns so machine-load drift hits all three alike):
+    BP / autodiff and BP / plain deterministic network with the same shapes.
 Record the figures in docs/benchmarks.md with the command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -28,15 +30,20 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
 
-from dualflow import Gaussian, moments, objectives  # noqa: E402
+from dualflow import moments, objectives  # noqa: E402
 
 
 def mlp_params(key, sizes):
     ps = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         k = jax.random.fold_in(key, i)
-        ps.append({"w_mean": jax.random.normal(k, (a, b)) * math.sqrt(2 / a),
-                   "w_var": jnp.full((a, b), 1e-3 / a), "b_mean": jnp.zeros(b)})
+        ps.append(
+            {
+                "w_mean": jax.random.normal(k, (a, b)) * math.sqrt(2 / a),
+                "w_var": jnp.full((a, b), 1e-3 / a),
+                "b_mean": jnp.zeros(b),
+            }
+        )
     return ps
 
 
@@ -66,11 +73,21 @@ def conv_params(key):
     for i, s in enumerate(shapes):
         k = jax.random.fold_in(key, i)
         fan = s[0] * s[1] * s[2]
-        ps.append({"w_mean": jax.random.normal(k, s) * math.sqrt(2 / fan),
-                   "w_var": jnp.full(s, 1e-3 / fan), "b_mean": jnp.zeros(s[-1])})
+        ps.append(
+            {
+                "w_mean": jax.random.normal(k, s) * math.sqrt(2 / fan),
+                "w_var": jnp.full(s, 1e-3 / fan),
+                "b_mean": jnp.zeros(s[-1]),
+            }
+        )
     k = jax.random.fold_in(key, 99)
-    ps.append({"w_mean": jax.random.normal(k, (64, 10)) / 8,
-               "w_var": jnp.full((64, 10), 1e-3 / 64), "b_mean": jnp.zeros(10)})
+    ps.append(
+        {
+            "w_mean": jax.random.normal(k, (64, 10)) / 8,
+            "w_var": jnp.full((64, 10), 1e-3 / 64),
+            "b_mean": jnp.zeros(10),
+        }
+    )
     return ps
 
 
@@ -94,33 +111,43 @@ def conv_plain(params, x, y, act, mode, backward):
         h = moments.conv(h, p["w_mean"], jnp.zeros_like(p["w_var"]), p["b_mean"]).mean
         h = f(h)
         if i < 2:
-            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1),
-                                      (1, 2, 2, 1), "VALID")
+            h = jax.lax.reduce_window(
+                h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+            )
     h = h.mean(axis=(1, 2)) @ params[-1]["w_mean"] + params[-1]["b_mean"]
     return -jnp.take_along_axis(jax.nn.log_softmax(h), y[:, None], 1).mean()
 
 
 def residual_bytes(loss, params, x, y, *static):
     res = saved_residuals(lambda p: loss(p, x, y, *static), params)
-    tot = sum(a.size * a.dtype.itemsize for a, why in res
-              if not why.startswith("from the argument"))
+    tot = sum(
+        a.size * a.dtype.itemsize
+        for a, why in res
+        if not why.startswith("from the argument")
+    )
     return tot
 
 
-def timed(loss, params, x, y, static, repeats):
+def compile_step(loss, params, x, y, static):
+    """Jitted value_and_grad step and the XLA temp bytes of its compilation."""
     g = jax.jit(jax.value_and_grad(loss), static_argnums=(3, 4, 5))
     compiled = g.lower(params, x, y, *static).compile()
     mem = compiled.memory_analysis()
     temp = getattr(mem, "temp_size_in_bytes", float("nan"))
-    out = g(params, x, y, *static)
-    jax.block_until_ready(out)
-    ts = []
+    step = functools.partial(g, params, x, y, *static)
+    jax.block_until_ready(step())  # warm up
+    return step, temp
+
+
+def race(steps: dict, repeats: int) -> dict:
+    """Median seconds per step; the steps take turns so drift hits all alike."""
+    ts = {k: [] for k in steps}
     for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(g(params, x, y, *static))
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[len(ts) // 2], temp
+        for k, step in steps.items():
+            t = time.perf_counter()
+            jax.block_until_ready(step())
+            ts[k].append(time.perf_counter() - t)
+    return {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
 
 
 def main():
@@ -131,34 +158,53 @@ def main():
     ap.add_argument("--activation", default="relu", choices=["relu", "tanh"])
     args = ap.parse_args()
     key = jax.random.PRNGKey(0)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; "
-          f"batch {args.batch} (MLP), {args.conv_batch} (conv), "
-          f"activation {args.activation}, median of {args.repeats}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; "
+        f"batch {args.batch} (MLP), {args.conv_batch} (conv), "
+        f"activation {args.activation}, median of {args.repeats}"
+    )
     cases = [
-        ("MLP 784-1024-1024-10", mlp_params(key, (784, 1024, 1024, 10)),
-         jax.random.uniform(key, (args.batch, 784)),
-         jax.random.randint(key, (args.batch,), 0, 10), mlp_loss, mlp_plain),
-        ("conv 32-64-64 on 32x32x3", conv_params(key),
-         jax.random.normal(key, (args.conv_batch, 32, 32, 3)),
-         jax.random.randint(key, (args.conv_batch,), 0, 10), conv_loss, conv_plain),
+        (
+            "MLP 784-1024-1024-10",
+            mlp_params(key, (784, 1024, 1024, 10)),
+            jax.random.uniform(key, (args.batch, 784)),
+            jax.random.randint(key, (args.batch,), 0, 10),
+            mlp_loss,
+            mlp_plain,
+        ),
+        (
+            "conv 32-64-64 on 32x32x3",
+            conv_params(key),
+            jax.random.normal(key, (args.conv_batch, 32, 32, 3)),
+            jax.random.randint(key, (args.conv_batch,), 0, 10),
+            conv_loss,
+            conv_plain,
+        ),
     ]
-    header = (f"{'model':26s} {'mode':10s} {'resid BP/AD':>12s} {'MB BP':>7s} "
-              f"{'MB AD':>7s} {'temp BP/AD':>11s} {'t BP/AD':>8s} {'t BP/plain':>10s}"
-              f" {'ms BP':>7s}")
+    header = (
+        f"{'model':26s} {'mode':10s} {'resid BP/AD':>12s} {'MB BP':>7s} "
+        f"{'MB AD':>7s} {'temp BP/AD':>11s} {'t BP/AD':>8s} {'t BP/plain':>10s}"
+        f" {'ms BP':>7s}"
+    )
     print(header)
     for name, params, x, y, loss, plain in cases:
-        t_plain, _ = timed(plain, params, x, y, (args.activation, "-", "-"),
-                           args.repeats)
+        plain_step, _ = compile_step(plain, params, x, y, (args.activation, "-", "-"))
         for mode in ("linearized", "matched"):
             rb = residual_bytes(loss, params, x, y, args.activation, mode, "bp")
             ra = residual_bytes(loss, params, x, y, args.activation, mode, "autodiff")
-            tb, mb = timed(loss, params, x, y, (args.activation, mode, "bp"),
-                           args.repeats)
-            ta, ma = timed(loss, params, x, y, (args.activation, mode, "autodiff"),
-                           args.repeats)
-            print(f"{name:26s} {mode:10s} {rb / ra:12.3f} {rb / 2**20:7.2f} "
-                  f"{ra / 2**20:7.2f} {mb / max(ma, 1):11.3f} {tb / ta:8.3f} "
-                  f"{tb / t_plain:10.3f} {tb * 1e3:7.2f}")
+            bp_step, mb = compile_step(
+                loss, params, x, y, (args.activation, mode, "bp")
+            )
+            ad_step, ma = compile_step(
+                loss, params, x, y, (args.activation, mode, "autodiff")
+            )
+            t = race({"bp": bp_step, "ad": ad_step, "plain": plain_step}, args.repeats)
+            print(
+                f"{name:26s} {mode:10s} {rb / ra:12.3f} {rb / 2**20:7.2f} "
+                f"{ra / 2**20:7.2f} {mb / max(ma, 1):11.3f} {t['bp'] / t['ad']:8.3f} "
+                f"{t['bp'] / t['plain']:10.3f} {t['bp'] * 1e3:7.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,12 @@ def _linear_net(params, x, backward):
     g = moments.global_avg_pool(h)  # exercise it too
     h = moments.flatten(h)
     h = moments.dense(h, **params["d1"], backward=backward)
-    h = moments.add(h, moments.dense(g, params["d1"]["w_mean"][:6],
-                                     params["d1"]["w_var"][:6], backward=backward))
+    h = moments.add(
+        h,
+        moments.dense(
+            g, params["d1"]["w_mean"][:6], params["d1"]["w_var"][:6], backward=backward
+        ),
+    )
     return moments.dense(h, **params["d2"], backward=backward)
 
 
@@ -106,8 +110,9 @@ def test_bp_dense_equals_finite_differences(x64):
             up[i] = args[i] + d.reshape(args[i].shape)
             dn[i] = args[i] - d.reshape(args[i].shape)
             fd = (f(*up) - f(*dn)) / (2 * eps)
-            np.testing.assert_allclose(np.asarray(g).ravel()[j], fd, rtol=1e-6,
-                                       atol=1e-9)
+            np.testing.assert_allclose(
+                np.asarray(g).ravel()[j], fd, rtol=1e-6, atol=1e-9
+            )
 
 
 def test_fixed_noise_variant_is_paper_rule_not_gradient(x64):
@@ -150,14 +155,20 @@ def test_linearized_bp_differs_only_by_jacobian_mean_dependence(name, x64):
     for bw in ("bp", "autodiff"):
         _, vjp = jax.vjp(lambda a, b, bw=bw: act(Gaussian(a, b), backward=bw), m, v)
         res[bw] = vjp(Gaussian(gm, gv))
-    f = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "softplus": jax.nn.softplus,
-         "gelu": lambda t: t * jax.scipy.special.ndtr(t), "relu": jax.nn.relu}[name]
+    f = {
+        "tanh": jnp.tanh,
+        "sigmoid": jax.nn.sigmoid,
+        "softplus": jax.nn.softplus,
+        "gelu": lambda t: t * jax.scipy.special.ndtr(t),
+        "relu": jax.nn.relu,
+    }[name]
     d1 = jax.vmap(jax.grad(f))(m)
     d2 = jax.vmap(jax.grad(jax.grad(f)))(m)
     np.testing.assert_allclose(res["bp"][0], d1 * gm, rtol=1e-12)
     np.testing.assert_allclose(res["bp"][1], d1**2 * gv, rtol=1e-12)
-    np.testing.assert_allclose(res["autodiff"][0] - res["bp"][0], 2 * d1 * d2 * v * gv,
-                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        res["autodiff"][0] - res["bp"][0], 2 * d1 * d2 * v * gv, rtol=1e-9, atol=1e-12
+    )
     np.testing.assert_allclose(res["autodiff"][1], res["bp"][1], rtol=1e-12)
 
 
@@ -172,26 +183,78 @@ def test_matched_bp_mean_path_is_exact(name, x64):
     out = {}
     for bw in ("bp", "autodiff"):
         _, vjp = jax.vjp(
-            lambda a, b, bw=bw: act(Gaussian(a, b), mode="matched", backward=bw), m, v)
+            lambda a, b, bw=bw: act(Gaussian(a, b), mode="matched", backward=bw), m, v
+        )
         out[bw] = vjp(Gaussian(gm, jnp.zeros_like(gm)))
     np.testing.assert_allclose(out["bp"][0], out["autodiff"][0], rtol=1e-9)
     # ... while the variance path differs (BP uses J^2 for dVar/dv)
     _, vjp_bp = jax.vjp(lambda a, b: act(Gaussian(a, b), mode="matched"), m, v)
     _, vjp_ad = jax.vjp(
-        lambda a, b: act(Gaussian(a, b), mode="matched", backward="autodiff"), m, v)
+        lambda a, b: act(Gaussian(a, b), mode="matched", backward="autodiff"), m, v
+    )
     cot = Gaussian(jnp.zeros_like(gm), jnp.ones_like(gm))
     assert float(jnp.max(jnp.abs(vjp_bp(cot)[1] - vjp_ad(cot)[1]))) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["tanh", "erf", "softplus"])
+def test_matched_bp_variance_gradient_difference_is_the_curvature_term(name, x64):
+    """What BP drops in matched mode, term by term, and its v -> 0 limit.
+
+    autodiff: dJ/dv_in = dE/dv g_m + dVar/dv g_v;  BP: J^2 g_v.  As v -> 0,
+    dE/dv -> f''(m)/2 (the second-order mean shift) and dVar/dv -> f'(m)^2, so
+    the gradients w.r.t. input variances (hence w.r.t. weight variances) keep an
+    O(1) difference f''(m)/2 g_m: Theorem 2(3)'s convergence to backprop holds
+    for the mean gradients, not for the variance gradients of a matched layer.
+    """
+    act = getattr(moments, name)
+    m = jnp.array([-1.3, -0.4, 0.2, 0.9, 2.1])
+    gm = jnp.array([0.5, -1.0, 0.8, 0.3, -0.6])
+    gv = jnp.array([0.2, 0.4, -0.7, 1.1, 0.9])
+    f = {"tanh": jnp.tanh, "erf": jax.scipy.special.erf, "softplus": jax.nn.softplus}[
+        name
+    ]
+    d2f = jax.vmap(jax.grad(jax.grad(f)))(m)
+    for v_scale in (0.3, 1e-6):
+        v = v_scale * jnp.array([1.0, 0.5, 2.0, 1.5, 0.7])
+
+        def kernel(a, b):
+            y = act(Gaussian(a, b), mode="matched", backward="autodiff")
+            return y.mean, y.var
+
+        (_, _), (dE_dv, dV_dv) = jax.jvp(
+            kernel, (m, v), (jnp.zeros_like(m), 1.0 + 0 * v)
+        )
+        gain = jax.jvp(kernel, (m, v), (jnp.ones_like(m), 0 * v))[1][0]
+        cot = Gaussian(gm, gv)
+        g_bp = jax.vjp(lambda a, b: act(Gaussian(a, b), mode="matched"), m, v)[1](cot)
+        g_ad = jax.vjp(
+            lambda a, b: act(Gaussian(a, b), mode="matched", backward="autodiff"), m, v
+        )[1](cot)
+        # BP's variance sensitivity is exactly J^2 g_v, and the difference is
+        # exactly the two terms it drops
+        np.testing.assert_allclose(g_bp[1], gain**2 * gv, rtol=1e-12)
+        np.testing.assert_allclose(
+            g_ad[1] - g_bp[1],
+            dE_dv * gm + (dV_dv - gain**2) * gv,
+            rtol=1e-7,
+            atol=1e-12,
+        )
+        if v_scale == 1e-6:  # the limit: f''(m)/2 g_m, not zero
+            np.testing.assert_allclose(g_ad[1] - g_bp[1], 0.5 * d2f * gm, rtol=1e-4)
+            assert float(jnp.max(jnp.abs(0.5 * d2f * gm))) > 0.1
 
 
 def _mlp_params(key, sizes, var_scale):
     params = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         k1, k2 = jax.random.split(jax.random.fold_in(key, i))
-        params.append(dict(
-            w_mean=jax.random.normal(k1, (a, b)) / math.sqrt(a),
-            w_var=var_scale * jax.random.uniform(k2, (a, b), minval=0.5) / a,
-            b_mean=jnp.zeros(b),
-        ))
+        params.append(
+            dict(
+                w_mean=jax.random.normal(k1, (a, b)) / math.sqrt(a),
+                w_var=var_scale * jax.random.uniform(k2, (a, b), minval=0.5) / a,
+                b_mean=jnp.zeros(b),
+            )
+        )
     return params
 
 
@@ -204,8 +267,15 @@ def _mlp_loss(params, x, labels, act, mode, backward):
     return objectives.categorical_nll(h, labels, method="second_order").mean()
 
 
-@pytest.mark.parametrize("act,mode", [("relu", "linearized"), ("tanh", "linearized"),
-                                      ("relu", "matched"), ("tanh", "matched")])
+@pytest.mark.parametrize(
+    "act,mode",
+    [
+        ("relu", "linearized"),
+        ("tanh", "linearized"),
+        ("relu", "matched"),
+        ("tanh", "matched"),
+    ],
+)
 def test_bp_converges_to_backprop_as_weight_variance_vanishes(act, mode, x64):
     key = jax.random.PRNGKey(3)
     x = jax.random.normal(key, (16, 6))

@@ -20,7 +20,8 @@ def test_pytree_roundtrip_and_transforms():
     doubled = jax.jit(lambda x: Gaussian(2 * x.mean, 4 * x.var))(g)
     np.testing.assert_allclose(doubled.var, 4.0)
     batched = jax.vmap(lambda x: Gaussian(x.mean + 1, x.var))(
-        Gaussian(jnp.zeros((5, 3)), jnp.ones((5, 3))))
+        Gaussian(jnp.zeros((5, 3)), jnp.ones((5, 3)))
+    )
     assert batched.shape == (5, 3)
 
 
@@ -34,11 +35,12 @@ def test_natural_parameter_roundtrip(x64):
     np.testing.assert_allclose(back.var, g.var, rtol=1e-14)
     # canonical form reproduces the log density up to the log-partition A
     x = jnp.array([0.3, -1.0, 2.0])
-    A = -eta**2 / (4 * lam) - 0.5 * jnp.log(-2 * lam) + 0.5 * math.log(2 * math.pi)
+    A = -(eta**2) / (4 * lam) - 0.5 * jnp.log(-2 * lam) + 0.5 * math.log(2 * math.pi)
     np.testing.assert_allclose(eta * x + lam * x**2 - A, g.log_prob(x), rtol=1e-12)
     # mean parameters are the gradient of A (conjugate duality)
-    dA = jax.grad(lambda e, l: jnp.sum(-e**2 / (4 * l) - 0.5 * jnp.log(-2 * l)),
-                  argnums=(0, 1))(eta, lam)
+    dA = jax.grad(
+        lambda e, l: jnp.sum(-(e**2) / (4 * l) - 0.5 * jnp.log(-2 * l)), argnums=(0, 1)
+    )(eta, lam)
     np.testing.assert_allclose(dA[0], g.mean, rtol=1e-12)
     np.testing.assert_allclose(dA[1], g.second_moment(), rtol=1e-12)
 
@@ -52,8 +54,9 @@ def test_point_and_sampling():
     n = s.shape[0]
     np.testing.assert_array_less(jnp.abs(s.mean(0) - g.mean), 5 * jnp.sqrt(g.var / n))
     # sample variance: std error sqrt(2 var^2 / n) for a Gaussian
-    np.testing.assert_array_less(jnp.abs(s.var(0) - g.var),
-                                 5 * jnp.sqrt(2 * g.var**2 / n))
+    np.testing.assert_array_less(
+        jnp.abs(s.var(0) - g.var), 5 * jnp.sqrt(2 * g.var**2 / n)
+    )
 
 
 def test_kl_and_entropy_closed_forms(x64):
@@ -78,6 +81,7 @@ def test_validation_errors_and_debug_checks():
             dualflow.validate(bad)
         with pytest.raises(Exception, match="non-finite means"):
             jax.jit(lambda m: dualflow.moments.relu(Gaussian(m, jnp.ones(2))).mean)(
-                jnp.array([jnp.nan, 1.0])).block_until_ready()
+                jnp.array([jnp.nan, 1.0])
+            ).block_until_ready()
     finally:
         dualflow.set_debug_checks(False)

@@ -21,7 +21,7 @@ def test_gaussian_nll_is_predictive_density(x64):
     z, w = np.polynomial.hermite_e.hermegauss(80)
     w = w / w.sum()
     x = pred.mean[0] + np.sqrt(pred.var[0]) * z
-    dens = np.sum(w * np.exp(-(y[0] - x) ** 2 / 0.6) / np.sqrt(2 * np.pi * 0.3))
+    dens = np.sum(w * np.exp(-((y[0] - x) ** 2) / 0.6) / np.sqrt(2 * np.pi * 0.3))
     np.testing.assert_allclose(nll[0], -np.log(dens), rtol=1e-10)
 
 
@@ -75,8 +75,8 @@ def test_categorical_nll_methods():
     ref = -jax.nn.log_softmax(logits.mean)[0, 0]
     for method in ["probit", "second_order", "mean"]:
         np.testing.assert_allclose(
-            objectives.categorical_nll(logits, labels, method=method), [ref],
-            rtol=1e-6)
+            objectives.categorical_nll(logits, labels, method=method), [ref], rtol=1e-6
+        )
     noisy = Gaussian(logits.mean, jnp.ones((1, 3)))
     # variance pulls the probit prediction towards uniform: NLL of the top class up
     assert objectives.categorical_nll(noisy, labels)[0] > ref
@@ -95,12 +95,14 @@ def test_kl_and_neg_elbo(x64):
     tree = {"a": Gaussian(qm, qv), "b": [Gaussian(qm[:2], qv[:2])]}
     tot = objectives.kl_divergence(tree, prior_var=2.0)
     np.testing.assert_allclose(
-        tot, kl + objectives.kl_mean_field(qm[:2], qv[:2], 0.0, 2.0), rtol=1e-12)
+        tot, kl + objectives.kl_mean_field(qm[:2], qv[:2], 0.0, 2.0), rtol=1e-12
+    )
     # KL vs Monte Carlo of log q - log p
     g = Gaussian(qm, qv)
     s = g.sample(jax.random.PRNGKey(1), (200_000,))
     lr = g.log_prob(s).sum(-1) - Gaussian(jnp.zeros(3), 2 * jnp.ones(3)).log_prob(
-        s).sum(-1)
+        s
+    ).sum(-1)
     assert abs(float(lr.mean()) - float(kl)) < 5 * float(lr.std()) / math.sqrt(2e5)
     np.testing.assert_allclose(objectives.neg_elbo(1.5, 10.0, 100, 0.5), 1.55)
     with pytest.raises(ValueError):

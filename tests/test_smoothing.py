@@ -21,19 +21,29 @@ def _setup(key, dims=(3, 3, 3, 3), noise=0.3):
     layers = []
     for i in range(len(dims) - 1):
         diag = jax.random.uniform(ks[4 * i], (d,), minval=-1.5, maxval=1.5)
-        layers.append(dict(
-            w_mean=jnp.diag(diag), w_var=jnp.zeros((d, d)),
-            b_mean=0.3 * jax.random.normal(ks[4 * i + 1], (d,)),
-            b_var=jax.random.uniform(ks[4 * i + 2], (d,), minval=0.1, maxval=0.8),
-        ))
-    x0 = Gaussian(jax.random.normal(ks[-3], (d,)),
-                  jax.random.uniform(ks[-2], (d,), minval=0.05, maxval=0.5))
+        layers.append(
+            dict(
+                w_mean=jnp.diag(diag),
+                w_var=jnp.zeros((d, d)),
+                b_mean=0.3 * jax.random.normal(ks[4 * i + 1], (d,)),
+                b_var=jax.random.uniform(ks[4 * i + 2], (d,), minval=0.1, maxval=0.8),
+            )
+        )
+    x0 = Gaussian(
+        jax.random.normal(ks[-3], (d,)),
+        jax.random.uniform(ks[-2], (d,), minval=0.05, maxval=0.5),
+    )
     y = jax.random.normal(ks[-1], (d,))
     chain = pgm.GaussianChain(
-        m0=x0.mean, P0=jnp.diag(x0.var),
-        Fs=[p["w_mean"].T for p in layers], bs=[p["b_mean"] for p in layers],
+        m0=x0.mean,
+        P0=jnp.diag(x0.var),
+        Fs=[p["w_mean"].T for p in layers],
+        bs=[p["b_mean"] for p in layers],
         Qs=[jnp.diag(p["b_var"]) for p in layers],
-        H=jnp.eye(d), c=jnp.zeros(d), R=noise * jnp.eye(d))
+        H=jnp.eye(d),
+        c=jnp.zeros(d),
+        R=noise * jnp.eye(d),
+    )
     return layers, x0, y, chain, noise
 
 
@@ -50,8 +60,9 @@ def test_smoothed_moments_equal_rts(backward, x64):
     layers, x0, y, chain, noise = _setup(jax.random.PRNGKey(0))
     res = smoothing.posterior_moments(_nll, layers, x0, y, noise, backward)
     # the loss is exactly -log p(y | x0)
-    np.testing.assert_allclose(res.loss, -pgm.chain_log_likelihood(chain, y),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        res.loss, -pgm.chain_log_likelihood(chain, y), rtol=1e-12
+    )
     ref = pgm.chain_smoother(chain, y)
     worst = 0.0
     for l in range(len(layers) + 1):
@@ -66,7 +77,8 @@ def test_smoothed_moments_equal_rts(backward, x64):
         d_eta, d_lam = smoothing.canonical_gradients(f, res.grads[f"x{l}"])
         np.testing.assert_allclose(d_eta, -(s.mean - f.mean), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(
-            d_lam, -(s.var + s.mean**2 - f.var - f.mean**2), rtol=1e-9, atol=1e-12)
+            d_lam, -(s.var + s.mean**2 - f.var - f.mean**2), rtol=1e-9, atol=1e-12
+        )
     assert worst < 1e-10, worst
 
 

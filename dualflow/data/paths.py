@@ -14,8 +14,9 @@ class DataNotFoundError(FileNotFoundError):
     """Raised with a message that says where to put the files."""
 
 
-def resolve_data_dir(configured: str | os.PathLike | None = None,
-                     required: bool = False) -> Path | None:
+def resolve_data_dir(
+    configured: str | os.PathLike | None = None, required: bool = False
+) -> Path | None:
     """The data directory: ``configured`` if given, else ``$DUALFLOW_DATA_DIR``.
 
     Returns ``None`` when neither is set and ``required`` is False.

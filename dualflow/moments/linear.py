@@ -246,7 +246,9 @@ def conv(
     if dimension_numbers is None:
         sp = "DHW"[-nsp:] if nsp <= 3 else None
         if sp is None:
-            raise ValueError("conv: pass dimension_numbers for more than 3 spatial dims.")
+            raise ValueError(
+                "conv: pass dimension_numbers for more than 3 spatial dims."
+            )
         dimension_numbers = ("N" + sp + "C", sp + "IO", "N" + sp + "C")
         if x.shape[-1] != w_mean.shape[-2] * feature_group_count:
             raise ValueError(
@@ -258,8 +260,12 @@ def conv(
     op = _ConvOp(
         window_strides=_tuple(strides, nsp, "strides"),
         padding=padding,
-        lhs_dilation=None if input_dilation is None else _tuple(input_dilation, nsp, "input_dilation"),
-        rhs_dilation=None if kernel_dilation is None else _tuple(kernel_dilation, nsp, "kernel_dilation"),
+        lhs_dilation=None
+        if input_dilation is None
+        else _tuple(input_dilation, nsp, "input_dilation"),
+        rhs_dilation=None
+        if kernel_dilation is None
+        else _tuple(kernel_dilation, nsp, "kernel_dilation"),
         dimension_numbers=dimension_numbers,
         feature_group_count=int(feature_group_count),
     )

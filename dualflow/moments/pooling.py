@@ -71,7 +71,9 @@ def avg_pool(
     full_pads = ((0, 0), *pads, (0, 0))
 
     def wsum(a):
-        return lax.reduce_window(a, np.zeros((), a.dtype), lax.add, dims, strd, full_pads)
+        return lax.reduce_window(
+            a, np.zeros((), a.dtype), lax.add, dims, strd, full_pads
+        )
 
     if count_include_pad:
         k = 1
@@ -84,8 +86,9 @@ def avg_pool(
     return Gaussian(wsum(x.mean) / count, wsum(x.var) / (count * count))
 
 
-def global_avg_pool(x: Gaussian | Array, *, keepdims: bool = False,
-                    backward: str = "bp") -> Gaussian:
+def global_avg_pool(
+    x: Gaussian | Array, *, keepdims: bool = False, backward: str = "bp"
+) -> Gaussian:
     """Mean over all spatial axes of ``[N, *spatial, C]``: var = sum(P) / n^2."""
     check_backward(backward, "global_avg_pool")
     x = as_gaussian(x, "global_avg_pool input")

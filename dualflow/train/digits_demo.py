@@ -32,11 +32,13 @@ def init_params(key: jax.Array, sizes: tuple[int, ...], init_var: float) -> list
     params = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         k = jax.random.fold_in(key, i)
-        params.append({
-            "w_mean": jax.random.normal(k, (a, b)) * math.sqrt(2.0 / a),
-            "w_logvar": jnp.full((a, b), math.log(init_var / a)),
-            "b_mean": jnp.zeros((b,)),
-        })
+        params.append(
+            {
+                "w_mean": jax.random.normal(k, (a, b)) * math.sqrt(2.0 / a),
+                "w_logvar": jnp.full((a, b), math.log(init_var / a)),
+                "b_mean": jnp.zeros((b,)),
+            }
+        )
     return params
 
 
@@ -44,8 +46,9 @@ def predict(params, x, *, activation="relu", mode="linearized", backward="bp"):
     """Gaussian belief over the logits ``[batch, classes]``."""
     h = x
     for i, p in enumerate(params):
-        h = moments.dense(h, p["w_mean"], jnp.exp(p["w_logvar"]), p["b_mean"],
-                          backward=backward)
+        h = moments.dense(
+            h, p["w_mean"], jnp.exp(p["w_logvar"]), p["b_mean"], backward=backward
+        )
         if i < len(params) - 1:
             h = moments.activation(activation, h, mode=mode, backward=backward)
     return h
@@ -56,7 +59,8 @@ def _kl(params, prior_var):
     for p in params:
         fan_in = p["w_mean"].shape[0]
         total = total + objectives.kl_mean_field(
-            p["w_mean"], jnp.exp(p["w_logvar"]), 0.0, prior_var / fan_in)
+            p["w_mean"], jnp.exp(p["w_logvar"]), 0.0, prior_var / fan_in
+        )
     return total
 
 
@@ -89,7 +93,9 @@ def train_and_evaluate(config, workdir: str = "") -> dict:
     key = jax.random.PRNGKey(config.seed)
     params = init_params(key, sizes, config.init_var)
     if config.optimizer != "adam":
-        raise ValueError(f"digits demo supports optimizer='adam', got {config.optimizer!r}")
+        raise ValueError(
+            f"digits demo supports optimizer='adam', got {config.optimizer!r}"
+        )
     tx = optax.adam(config.lr)
     opt_state = tx.init(params)
     fwd = dict(activation=config.activation, mode=config.mode, backward=config.backward)
@@ -115,25 +121,40 @@ def train_and_evaluate(config, workdir: str = "") -> dict:
 
     rng = np.random.default_rng(config.seed)
     steps_per_epoch = max(n // config.batch_size, 1)
-    print(f"dualflow digits demo: {n} train / {len(yte)} test, MLP {sizes}, "
-          f"{config.activation} ({config.mode}), backward={config.backward}")
+    print(
+        f"dualflow digits demo: {n} train / {len(yte)} test, MLP {sizes}, "
+        f"{config.activation} ({config.mode}), backward={config.backward}"
+    )
     t0 = time.time()
-    bar = tqdm(range(1, config.epochs + 1), desc="epochs", unit="ep",
-               disable=not config.progress)
+    bar = tqdm(
+        range(1, config.epochs + 1),
+        desc="epochs",
+        unit="ep",
+        disable=not config.progress,
+    )
     history = []
     for epoch in bar:
         perm = rng.permutation(n)
         for s in range(steps_per_epoch):
-            idx = perm[s * config.batch_size:(s + 1) * config.batch_size]
+            idx = perm[s * config.batch_size : (s + 1) * config.batch_size]
             params, opt_state, loss, (nll, kl) = step(
-                params, opt_state, xtr[idx], ytr[idx])
+                params, opt_state, xtr[idx], ytr[idx]
+            )
         bar.set_postfix(loss=f"{float(loss):.3f}", nll=f"{float(nll):.3f}")
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             _, te_nll, te_acc = evaluate(params, xte, yte)
-            history.append({"epoch": epoch, "train_neg_elbo": float(loss),
-                            "test_nll": float(te_nll), "test_acc": float(te_acc)})
-            bar.write(f"epoch {epoch:4d}  neg-ELBO {float(loss):.4f}  "
-                      f"test acc {float(te_acc):.4f}  test NLL {float(te_nll):.4f}")
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_neg_elbo": float(loss),
+                    "test_nll": float(te_nll),
+                    "test_acc": float(te_acc),
+                }
+            )
+            bar.write(
+                f"epoch {epoch:4d}  neg-ELBO {float(loss):.4f}  "
+                f"test acc {float(te_acc):.4f}  test NLL {float(te_nll):.4f}"
+            )
     probs, te_nll, te_acc = evaluate(params, xte, yte)
     result = {
         "test_accuracy": float(te_acc),
@@ -143,9 +164,11 @@ def train_and_evaluate(config, workdir: str = "") -> dict:
         "epochs": config.epochs,
         "history": history,
     }
-    print(f"final: test accuracy {result['test_accuracy']:.4f}  test NLL "
-          f"{result['test_nll']:.4f}  ECE {result['test_ece']:.4f}  "
-          f"({result['seconds']:.1f} s)")
+    print(
+        f"final: test accuracy {result['test_accuracy']:.4f}  test NLL "
+        f"{result['test_nll']:.4f}  ECE {result['test_ece']:.4f}  "
+        f"({result['seconds']:.1f} s)"
+    )
     if workdir:
         _write_json_atomic(os.path.join(workdir, "metrics.json"), result)
     return result
