@@ -19,12 +19,38 @@ def test_readme_starts_with_the_two_commands():
 
 def test_readme_python_snippet_runs():
     snippets = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert snippets, "README has no python example"
+    duality = [s for s in snippets if "posterior_moments(" in s]
+    assert duality, "README lost its posterior_moments example"
     namespace: dict = {}
-    exec(compile(snippets[0], str(README), "exec"), namespace)  # noqa: S102
+    exec(compile(duality[0], str(README), "exec"), namespace)  # noqa: S102
     res, params = namespace["res"], namespace["params"]
     h = res.smoothed["h"]
     assert h.mean.shape == (8, 32) and bool(jnp.all(h.var >= 0))
     grads = namespace["grads"]
     assert set(grads) == set(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads.values())
+
+
+def test_readme_training_example_runs_and_is_calibrated(capsys):
+    """The "Train a Bayesian network" example: bp + natural gradient on digits.
+
+    Measured (CPU, seed 0): acc 0.972, NLL 0.200, ECE 0.102 with mean
+    confidence 0.87 -- under-confident: the natural gradient takes the weight
+    variances to the KL-weighted optimum near the prior within 20 epochs (Adam
+    at 3e-3 leaves them near their small initial value: NLL 0.15, ECE 0.04).
+    The bounds below pin that behaviour with room for platform differences."""
+    snippets = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    train = [s for s in snippets if "natural_gradient" in s]
+    assert train, "README lost its training example"
+    namespace: dict = {}
+    exec(compile(train[0], str(README), "exec"), namespace)  # noqa: S102
+    from dualflow import metrics
+
+    pred, y_test = namespace["pred"], namespace["y_test"]
+    assert float(metrics.accuracy(pred.probs, y_test)) > 0.94
+    assert float(metrics.nll(pred.probs, y_test)) < 0.3
+    assert float(metrics.ece(pred.probs, y_test)) < 0.15
+    # under-confident, not over-confident: mean confidence below accuracy
+    conf = float(pred.probs.max(-1).mean())
+    assert conf < float(metrics.accuracy(pred.probs, y_test))
+    assert "acc" in capsys.readouterr().out

@@ -1,1 +1,5 @@
-"""Training code.  For now: the offline digits demo behind ``scripts/train.py``."""
+"""Training code: a small loop for any learning method, and the digits demo."""
+
+from dualflow.train.fit import fit, make_train_step
+
+__all__ = ["fit", "make_train_step"]
