@@ -10,9 +10,13 @@ Public layout:
   dualflow.smoothing      smoothed moments implied by gradients (Theorem 1)
   dualflow.objectives     regression/classification heads, KL, negative ELBO
   dualflow.pgm            exact references: Gaussian chain, Kalman/RTS, HMM
+  dualflow.nn             Flax NNX layers; one model for every learning method
+  dualflow.optim          natural_gradient() optax transform (App. D)
+  dualflow.metrics        accuracy, NLL, Brier, ECE, RMSE, LL, entropy, MI, AUROC
+  dualflow.train          fit(): a small jitted training loop
 """
 
-from dualflow import moments, objectives, pgm, smoothing
+from dualflow import metrics, moments, nn, objectives, optim, pgm, smoothing, train
 from dualflow.gaussian import (
     Gaussian,
     as_gaussian,
@@ -29,12 +33,16 @@ __all__ = [
     "__version__",
     "as_gaussian",
     "debug_checks_enabled",
+    "metrics",
     "moments",
+    "nn",
     "objectives",
+    "optim",
     "pgm",
     "posterior_moments",
     "set_debug_checks",
     "smoothed_moments",
     "smoothing",
+    "train",
     "validate",
 ]
