@@ -15,10 +15,8 @@ ratios to `deterministic` (and `bp` / `bp autodiff`) and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +29,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dualflow import nn as dnn  # noqa: E402
+from dualflow.io import write_json_atomic  # noqa: E402
 from dualflow.train.fit import make_train_step  # noqa: E402
 
 # (label, Method) rows of the table
@@ -168,15 +167,6 @@ def bench_model(model_name, steps, batch):
     for k in runs:
         rows[k]["step_ms"] = 1e3 * float(np.median(times[k]))
     return rows
-
-
-def write_json_atomic(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

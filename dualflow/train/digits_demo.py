@@ -8,12 +8,9 @@ ELBO of Eq. 2, Adam.  Predictions are the closed-form Bayesian model average
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +20,7 @@ from tqdm import tqdm
 
 from dualflow import moments, objectives
 from dualflow.data import load_sklearn_digits
+from dualflow.io import write_json_atomic
 
 __all__ = ["init_params", "predict", "train_and_evaluate"]
 
@@ -74,15 +72,6 @@ def _ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
         if m.any():
             ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
     return float(ece)
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def train_and_evaluate(config, workdir: str = "") -> dict:
@@ -170,5 +159,5 @@ def train_and_evaluate(config, workdir: str = "") -> dict:
         f"({result['seconds']:.1f} s)"
     )
     if workdir:
-        _write_json_atomic(os.path.join(workdir, "metrics.json"), result)
+        write_json_atomic(os.path.join(workdir, "metrics.json"), result)
     return result
