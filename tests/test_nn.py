@@ -246,3 +246,84 @@ def test_bp_backward_switch_trains_identically_on_linear_net(digits, x64):
         out[bw] = jax.tree_util.tree_leaves(grads)
     for a, b in zip(out["bp"], out["autodiff"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-14)
+
+
+def test_fit_with_batchnorm_updates_running_statistics():
+    """BatchNorm statistics are state mutated inside the jitted step."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, (64, 4)).astype(np.float32)
+    y = (x[:, 0] > 2.0).astype(np.int32)
+    model = dnn.MLP((4, 8, 2), norm="batch", rngs=nnx.Rngs(0))
+    bn = model.net.layers[1].bn
+    before = np.asarray(bn.mean[...]).copy()
+    fit(
+        model,
+        optax.adam(1e-2),
+        x,
+        y,
+        method=dnn.Method("deterministic"),
+        epochs=2,
+        batch_size=32,
+        progress=False,
+    )
+    assert not np.allclose(np.asarray(bn.mean[...]), before)
+
+
+def test_sampling_methods_are_robust_to_inputs():
+    """Zero input rows without bias (local_reparam variance 0) keep gradients
+    finite; integer inputs (uint8 images) behave like their float values;
+    flipout on an unbatched input keeps its shape."""
+    layer = dnn.Dense(3, 2, use_bias=False, rngs=nnx.Rngs(0))
+    x = jnp.array([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    method = dnn.Method("local_reparam")
+    g = nnx.grad(lambda m: jnp.sum(m(x, dnn.Context(method, jax.random.key(0)))))(layer)
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree_util.tree_leaves(g))
+    xi = jnp.array([[0, 200, 255]], jnp.uint8)
+    for name in ("flipout", "local_reparam", "mc_dropout", "reparam"):
+        ctx = lambda n=name: dnn.Context(dnn.Method(n), jax.random.key(1))  # noqa: E731
+        np.testing.assert_allclose(
+            layer(xi, ctx()), layer(xi.astype(jnp.float32), ctx()), rtol=1e-6
+        )
+    out = layer(jnp.ones(3), dnn.Context(dnn.Method("flipout"), jax.random.key(2)))
+    assert out.shape == (2,)
+
+
+def test_regression_mixture_variance_has_no_cancellation():
+    from dualflow.nn.methods import _mixture
+
+    sm = jnp.array([[3000.0], [3000.02]], jnp.float32)[:, None]  # [S=2, N=1, d=1]
+    sv = jnp.full_like(sm, 1e-4)
+    pred = _mixture(sm, sv)
+    np.testing.assert_allclose(pred.var, 1e-4 + 1e-4, rtol=1e-2)
+
+
+def test_pooling_layers_accept_lists_under_jit_predict():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = dnn.Conv(1, 2, 3, rngs=rngs)
+            self.pool = dnn.MaxPool([2, 2], padding=[(0, 1), (0, 1)])
+            self.avg = dnn.AvgPool([1, 1])
+            self.head = dnn.Sequential(dnn.Flatten(), dnn.Dense(18, 3, rngs=rngs))
+
+        def __call__(self, x, ctx):
+            return self.head(self.avg(self.pool(self.conv(x, ctx), ctx), ctx), ctx)
+
+    net = Net(nnx.Rngs(0))
+    x = jnp.ones((2, 5, 5, 1))
+    for name in ("bp", "deterministic"):
+        p = dnn.predict(net, x, method=dnn.Method(name))
+        assert p.probs.shape == (2, 3)
+
+
+def test_ensemble_size_mismatch_is_a_clear_error():
+    ens = dnn.make_ensemble(lambda r: dnn.MLP((4, 3), rngs=r), 2)
+    with pytest.raises(ValueError, match="ensemble_size"):
+        dnn.predict(
+            ens, jnp.ones((1, 4)), method=dnn.Method("ensemble", ensemble_size=5)
+        )
+    with pytest.raises(ValueError, match="stacked model"):
+        dnn.predict(
+            dnn.MLP((4, 3), rngs=nnx.Rngs(0)),
+            jnp.ones((1, 4)),
+            method=dnn.Method("ensemble", ensemble_size=2),
+        )

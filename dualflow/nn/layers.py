@@ -65,13 +65,26 @@ _PLAIN = {
 }
 
 
-def _point(x, where: str) -> Array:
+def _point(x, where: str, dtype=None) -> Array:
+    """``x`` as a floating array (integer images would overflow ``x * x`` and
+    break sign flips / dropout scaling)."""
     if isinstance(x, Gaussian):
         raise TypeError(
             f"{where}: got a Gaussian belief but the method is not 'bp'; pass arrays"
             " to sampling/deterministic methods."
         )
-    return jnp.asarray(x)
+    x = jnp.asarray(x)
+    if dtype is not None:
+        return x.astype(jnp.result_type(x.dtype, dtype))
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x.astype(jnp.result_type(float))
+    return x
+
+
+def _safe_sqrt(v: Array) -> Array:
+    """``sqrt`` with a finite gradient at 0 (zero variance: no noise, grad 0)."""
+    pos = v > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, v, 1.0)), 0.0)
 
 
 def _rademacher(key: Array, shape, dtype) -> Array:
@@ -178,7 +191,7 @@ class _BayesianLinear(BayesianModule):
         name = ctx.name
         if name == "bp":
             return self._moment_op(x, wm, wv, bm, bv, ctx.method.backward)
-        x = _point(x, type(self).__name__)
+        x = _point(x, type(self).__name__, wm.dtype)
         if name == "mc_dropout" and self.dropout_inputs:
             rate = ctx.method.dropout_rate
             keep = jax.random.bernoulli(ctx.next_key(), 1.0 - rate, x.shape)
@@ -201,16 +214,14 @@ class _BayesianLinear(BayesianModule):
             if bm is not None:
                 mean, var = mean + bm, var + bv
             eps = jax.random.normal(ctx.next_key(), mean.shape, mean.dtype)
-            return mean + jnp.sqrt(var) * eps
+            return mean + _safe_sqrt(var) * eps
         if name == "flipout":
             kw, ks, kr, kb = jax.random.split(ctx.next_key(), 4)
             dw = jnp.sqrt(wv) * jax.random.normal(kw, wm.shape, wm.dtype)
             s = _rademacher(ks, self._in_sign_shape(x), x.dtype)
             mean = self._lin(x, wm)
             pert = self._lin(x * s, dw)
-            r = _rademacher(
-                kr, pert.shape[:1] + (1,) * (pert.ndim - 2) + pert.shape[-1:], x.dtype
-            )
+            r = _rademacher(kr, self._out_sign_shape(pert), x.dtype)
             out = mean + pert * r
             if bm is not None:
                 out = (
@@ -280,7 +291,10 @@ class Dense(_BayesianLinear):
         return moments.dense(x, wm, wv, bm, bv, backward=backward)
 
     def _in_sign_shape(self, x):
-        return x.shape
+        return x.shape  # one sign per element (per example and feature)
+
+    def _out_sign_shape(self, y):
+        return y.shape
 
 
 class Conv(_BayesianLinear):
@@ -384,6 +398,9 @@ class Conv(_BayesianLinear):
         # one sign per example and input channel, shared over space (Wen et al.)
         return x.shape[:1] + (1,) * (x.ndim - 2) + x.shape[-1:]
 
+    def _out_sign_shape(self, y):
+        return y.shape[:1] + (1,) * (y.ndim - 2) + y.shape[-1:]
+
 
 def _mean_std(mean_init: str, fan_in: int) -> float:
     if mean_init == "he":
@@ -420,11 +437,21 @@ class Activation(nnx.Module):
         return _PLAIN[self.name](x)
 
 
+def _pool_args(window, strides, padding):
+    """Hashable (tuple) pooling arguments: they are static graphdef attributes."""
+
+    def tup(a):
+        return a if a is None or isinstance(a, int) else tuple(int(v) for v in a)
+
+    pad = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+    return tup(window), tup(strides), pad
+
+
 class AvgPool(nnx.Module):
     """Average pooling (linear: exact for Gaussians)."""
 
     def __init__(self, window, strides=None, padding="VALID"):
-        self.window, self.strides, self.padding = window, strides, padding
+        self.window, self.strides, self.padding = _pool_args(window, strides, padding)
 
     def __call__(self, x, ctx: Context):
         y = moments.avg_pool(x, self.window, self.strides, self.padding)
@@ -435,7 +462,7 @@ class MaxPool(nnx.Module):
     """Max pooling; under ``bp`` the smooth-max variance of :func:`moments.max_pool`."""
 
     def __init__(self, window, strides=None, padding="VALID"):
-        self.window, self.strides, self.padding = window, strides, padding
+        self.window, self.strides, self.padding = _pool_args(window, strides, padding)
 
     def __call__(self, x, ctx: Context):
         if ctx.name == "bp":
@@ -447,8 +474,11 @@ class MaxPool(nnx.Module):
         w = (self.window,) * nsp if isinstance(self.window, int) else tuple(self.window)
         s = self.strides if self.strides is not None else w
         s = (s,) * nsp if isinstance(s, int) else tuple(s)
+        pad = self.padding
+        if not isinstance(pad, str):  # spatial pairs -> all axes
+            pad = ((0, 0), *pad, (0, 0))
         return jax.lax.reduce_window(
-            x, -jnp.inf, jax.lax.max, (1, *w, 1), (1, *s, 1), self.padding
+            x, -jnp.inf, jax.lax.max, (1, *w, 1), (1, *s, 1), pad
         )
 
 

@@ -160,7 +160,7 @@ def objective(
             model, x, y, key, method, likelihood, n_data, kl_weight, train
         )
     graphdef, state = nnx.split(model)
-    size = _ensemble_size(state)
+    size = _ensemble_size(state, method)
     keys = (
         jnp.zeros((size, 2), jnp.uint32) if key is None else jax.random.split(key, size)
     )
@@ -185,11 +185,23 @@ def objective(
     return losses.sum(), jax.tree.map(jnp.mean, parts)
 
 
-def _ensemble_size(state) -> int:
+def _ensemble_size(state, method: Method | None = None) -> int:
     leaves = jax.tree_util.tree_leaves(state)
     if not leaves:
         raise ValueError("ensemble model has no state.")
-    return int(leaves[0].shape[0])
+    sizes = {int(a.shape[0]) if a.ndim else None for a in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "method 'ensemble' needs a stacked model from make_ensemble(factory,"
+            f" size); this model's leaves have leading sizes {sorted(map(str, sizes))}."
+        )
+    size = sizes.pop()
+    if method is not None and size != method.ensemble_size:
+        raise ValueError(
+            f"the ensemble model has {size} members but Method.ensemble_size is"
+            f" {method.ensemble_size}; make them agree."
+        )
+    return size
 
 
 def make_ensemble(factory: Callable[[nnx.Rngs], Any], size: int, seed: int = 0):
@@ -262,7 +274,7 @@ def _predict_jit(graphdef, state, x, key, method, likelihood, num_samples):
 def _predict(model, x, method, likelihood, key, num_samples) -> Predictive:
     if method.name == "ensemble":
         graphdef, state = nnx.split(model)
-        size = _ensemble_size(state)
+        size = _ensemble_size(state, method)
         keys = (
             jnp.zeros((size, 2), jnp.uint32)
             if key is None
@@ -319,7 +331,7 @@ def _predict(model, x, method, likelihood, key, num_samples) -> Predictive:
 
 def _mixture(sm: Array, sv: Array) -> Predictive:
     mean = sm.mean(0)
-    var = (sv + sm * sm).mean(0) - mean * mean
+    var = sv.mean(0) + ((sm - mean) ** 2).mean(0)  # no E[x^2] - E[x]^2 cancellation
     return Predictive(
         mean=mean, var=jnp.maximum(var, 0.0), sample_mean=sm, sample_var=sv
     )

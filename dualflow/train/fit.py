@@ -44,7 +44,8 @@ def make_train_step(
     """
 
     def loss_fn(params, rest, x, y, key):
-        model = nnx.merge(graphdef, params, rest)
+        # copy: the objective may mutate state (BatchNorm statistics) under grad
+        model = nnx.merge(graphdef, params, rest, copy=True)
         loss, parts = objective(
             model,
             x,
