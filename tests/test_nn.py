@@ -8,22 +8,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from mc_stats import mc_stats
 
 from dualflow import Gaussian, objectives
 from dualflow import nn as dnn
 from dualflow.data import load_sklearn_digits
 from dualflow.train.fit import fit
-
-
-def _mc_stats(samples):
-    """Mean, variance and their standard errors from ``[S, ...]`` samples."""
-    s = np.asarray(samples, np.float64)
-    n = s.shape[0]
-    mean = s.mean(0)
-    c = s - mean
-    var = (c**2).mean(0)
-    m4 = (c**4).mean(0)
-    return mean, var, np.sqrt(var / n), np.sqrt(np.maximum(m4 - var**2, 0) / n)
 
 
 @pytest.mark.parametrize("sampler", ["reparam", "local_reparam", "flipout"])
@@ -45,7 +35,7 @@ def test_bp_moments_equal_monte_carlo_of_sampled_networks(sampler, x64):
     s = 40_000
     keys = jax.random.split(jax.random.key(2), s)
     outs = jax.jit(jax.vmap(lambda k: dnn.apply(model, x, method, k)))(keys)
-    mean, var, se_m, se_v = _mc_stats(outs)
+    mean, var, se_m, se_v = mc_stats(outs)
     assert np.all(np.abs(mean - bp.mean) < 5 * se_m), (mean, bp.mean, se_m)
     assert np.all(np.abs(var - bp.var) < 5 * se_v), (var, bp.var, se_v)
     # the weight noise is not negligible here: the variance is far from 0
@@ -61,7 +51,7 @@ def test_mc_dropout_one_layer_moments(x64):
     method = dnn.Method("mc_dropout", dropout_rate=p)
     keys = jax.random.split(jax.random.key(4), 40_000)
     outs = jax.jit(jax.vmap(lambda k: layer(x, dnn.Context(method, k))))(keys)
-    mean, var, se_m, se_v = _mc_stats(outs)
+    mean, var, se_m, se_v = mc_stats(outs)
     w = layer.kernel_mean[...]
     want_mean = x @ w + layer.bias_mean[...]
     want_var = (x**2) @ (w**2) * p / (1 - p)
@@ -78,7 +68,7 @@ def test_conv_methods_share_the_marginal(x64):
         method = dnn.Method(sampler)
         keys = jax.random.split(jax.random.key(6), 20_000)
         outs = jax.jit(jax.vmap(lambda k, m=method: layer(x, dnn.Context(m, k))))(keys)
-        mean, var, se_m, se_v = _mc_stats(outs)
+        mean, var, se_m, se_v = mc_stats(outs)
         # 5.5 sigma: 300 outputs compared per method
         assert np.all(np.abs(mean - bp.mean) < 5.5 * se_m), sampler
         assert np.all(np.abs(var - bp.var) < 5.5 * se_v), sampler

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from dualflow import moments, objectives
+from dualflow import metrics, moments, objectives
 from dualflow.data import load_sklearn_digits
 from dualflow.io import write_json_atomic
 
@@ -60,18 +60,6 @@ def _kl(params, prior_var):
             p["w_mean"], jnp.exp(p["w_logvar"]), 0.0, prior_var / fan_in
         )
     return total
-
-
-def _ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    conf = probs.max(1)
-    correct = probs.argmax(1) == labels
-    edges = np.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
 
 
 def train_and_evaluate(config, workdir: str = "") -> dict:
@@ -148,7 +136,7 @@ def train_and_evaluate(config, workdir: str = "") -> dict:
     result = {
         "test_accuracy": float(te_acc),
         "test_nll": float(te_nll),
-        "test_ece": _ece(np.asarray(probs), yte),
+        "test_ece": float(metrics.ece(probs, yte)),
         "seconds": time.time() - t0,
         "epochs": config.epochs,
         "history": history,
