@@ -29,11 +29,12 @@ from dualflow.nn.methods import (
     predict,
     predictive_log_likelihood,
 )
-from dualflow.nn.models import MLP
+from dualflow.nn.models import MLP, Regressor
 
 __all__ = [
     "METHODS",
     "MLP",
+    "Regressor",
     "SAMPLING_METHODS",
     "Activation",
     "AvgPool",

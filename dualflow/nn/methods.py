@@ -43,8 +43,10 @@ class Likelihood:
     """Observation model of the network output.
 
     Attributes:
-      kind: ``"categorical"`` (integer labels, logits ``[N, K]``) or
-        ``"gaussian"`` (targets ``[N, d]``).
+      kind: ``"categorical"`` (integer labels, logits ``[N, K]``),
+        ``"gaussian"`` (targets ``[N, d]``, homoscedastic noise) or
+        ``"heteroscedastic"`` (targets ``[N, d]``; the network outputs
+        ``[N, 2d]``: means, then log noise variances).
       head: for ``bp`` classification, how a Gaussian over logits becomes a
         likelihood: ``"probit"`` (MacKay/probit predictive), ``"second_order"``
         (expected log-softmax) or ``"mean"``.
@@ -57,11 +59,15 @@ class Likelihood:
     noise_var: float | None = None
 
     def __post_init__(self):
-        if self.kind not in ("categorical", "gaussian"):
+        if self.kind not in ("categorical", "gaussian", "heteroscedastic"):
             raise ValueError(
-                "likelihood kind must be 'categorical' or 'gaussian', got"
-                f" {self.kind!r}."
+                "likelihood kind must be 'categorical', 'gaussian' or"
+                f" 'heteroscedastic', got {self.kind!r}."
             )
+
+    @property
+    def is_regression(self) -> bool:
+        return self.kind != "categorical"
 
 
 def apply(model, x, method: Method, key: Array | None = None, *, train: bool = False):
@@ -97,11 +103,29 @@ def _nll(model, out, y, method: Method, lik: Likelihood) -> Array:
             return objectives.categorical_nll(out, y, method=lik.head)
         logp = jax.nn.log_softmax(out, axis=-1)
         return -jnp.take_along_axis(logp, y[..., None].astype(jnp.int32), -1)[..., 0]
-    noise = _noise_var(model, lik)
     pred = out if bp else Gaussian(out, jnp.zeros_like(out))
-    y = y.reshape(pred.shape)
-    nll = objectives.gaussian_nll(pred, y, noise)
+    if lik.kind == "heteroscedastic":
+        mean, log_noise = _split_heteroscedastic(pred)
+        nll = objectives.heteroscedastic_nll(mean, log_noise, y.reshape(mean.shape))
+    else:
+        y = y.reshape(pred.shape)
+        nll = objectives.gaussian_nll(pred, y, _noise_var(model, lik))
     return nll.reshape(nll.shape[0], -1).sum(-1)
+
+
+def _split_heteroscedastic(out: Gaussian) -> tuple[Gaussian, Gaussian]:
+    """``[N, 2d]`` output -> (mean belief ``[N, d]``, log-noise belief ``[N, d]``)."""
+    d2 = out.shape[-1]
+    if d2 % 2:
+        raise ValueError(
+            "heteroscedastic likelihood: the network output must have 2*d units"
+            f" (means, then log noise variances); got {d2}."
+        )
+    d = d2 // 2
+    return (
+        Gaussian(out.mean[..., :d], out.var[..., :d]),
+        Gaussian(out.mean[..., d:], out.var[..., d:]),
+    )
 
 
 def _member_objective(
@@ -204,11 +228,12 @@ def _ensemble_size(state, method: Method | None = None) -> int:
     return size
 
 
-def make_ensemble(factory: Callable[[nnx.Rngs], Any], size: int, seed: int = 0):
+def make_ensemble(factory: Callable[[nnx.Rngs], Any], size: int, seed: int | Array = 0):
     """``size`` independently initialised members stacked on a leading axis.
 
     ``factory(rngs)`` builds one member; the result is one module whose
     parameters carry a leading ``[size]`` axis (vectorised with ``nnx.vmap``).
+    ``seed`` is an integer or a PRNG key (e.g. traced, inside ``jax.vmap``).
     """
     if size < 1:
         raise ValueError(f"ensemble size must be >= 1, got {size}.")
@@ -217,7 +242,8 @@ def make_ensemble(factory: Callable[[nnx.Rngs], Any], size: int, seed: int = 0):
     def create(key):
         return factory(nnx.Rngs(params=key))
 
-    return create(jax.random.split(jax.random.key(seed), size))
+    key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+    return create(jax.random.split(key, size))
 
 
 class Predictive(NamedTuple):
@@ -309,7 +335,12 @@ def _predict(model, x, method, likelihood, key, num_samples) -> Predictive:
             if key is not None:
                 sp = jax.nn.softmax(out.sample(key, (num_samples,)), axis=-1)
             return Predictive(probs=probs, sample_probs=sp)
-        noise = _noise_var(model, likelihood)
+        if likelihood.kind == "heteroscedastic":
+            mean, log_noise = _split_heteroscedastic(out)
+            noise = jnp.exp(log_noise.mean + 0.5 * log_noise.var)
+            out = mean
+        else:
+            noise = _noise_var(model, likelihood)
         var = out.var + noise
         return Predictive(
             mean=out.mean, var=var, sample_mean=out.mean[None], sample_var=var[None]
@@ -325,6 +356,9 @@ def _predict(model, x, method, likelihood, key, num_samples) -> Predictive:
     if likelihood.kind == "categorical":
         sp = jax.nn.softmax(outs, axis=-1)
         return Predictive(probs=sp.mean(0), sample_probs=sp)
+    if likelihood.kind == "heteroscedastic":
+        d = outs.shape[-1] // 2
+        return _mixture(outs[..., :d], jnp.exp(outs[..., d:]))
     noise = _noise_var(model, likelihood)
     return _mixture(outs, jnp.broadcast_to(noise, outs.shape))
 

