@@ -185,11 +185,21 @@ def main(argv):
         f" -> {results_path}",
         flush=True,
     )
+    commit = _git_commit()  # the code that produces the records
     t0 = time.time()
     bar = tqdm(groups, unit="group", disable=not cfg.progress, file=sys.stdout)
+    failures = []
     for ds, m, todo in bar:
         bar.set_description(f"{ds}/{m}")
-        new = run_uci_group(loaded[ds], m, todo, cfg, log=tqdm.write)
+        try:
+            new = run_uci_group(loaded[ds], m, todo, cfg, log=tqdm.write)
+        except FloatingPointError as e:  # diverged: report, keep the other groups
+            tqdm.write(f"FAILED {ds}/{m}: {e}")
+            failures.append(f"{ds}/{m}: {e}")
+            continue
+        bad = [r["split"] for r in new if not math.isfinite(r["test_ll"] + r["rmse"])]
+        if bad:
+            tqdm.write(f"WARNING {ds}/{m}: non-finite test metrics on splits {bad}")
         for r in new:
             r["config"] = fingerprint
         keys = {(r["dataset"], r["method"], r["split"]) for r in new}
@@ -218,7 +228,7 @@ def main(argv):
     header = (
         f"# UCI regression benchmark\n\n"
         f"Command: `{command}`  \n"
-        f"Commit: {_git_commit()}; wall time of this invocation {wall / 60:.1f} min;"
+        f"Commit: {commit}; wall time of this invocation {wall / 60:.1f} min;"
         f" summed training time of the reported records {compute / 60:.1f} min"
         f" ({os.cpu_count()} CPU cores).  \n"
         f"Protocol and hyper-parameter rule: dualflow/benchmarks/uci.py and"
@@ -232,7 +242,7 @@ def main(argv):
         workdir / "table.json",
         {
             "command": command,
-            "commit": _git_commit(),
+            "commit": commit,
             "wall_seconds": wall,
             "config": fingerprint,
             "summary": summary,
@@ -241,6 +251,9 @@ def main(argv):
     plot_summary(summary, methods, str(workdir / "uci.png"))
     print(table)
     print(f"wrote {workdir}/table.md, table.json, uci.png ({wall:.0f} s)")
+    if failures:
+        print("FAILED groups (not in the table):\n  " + "\n  ".join(failures))
+        sys.exit(1)
     if cfg.quick:
         problems = _check_quick(current, datasets)
         if problems:

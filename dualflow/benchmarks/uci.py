@@ -51,6 +51,10 @@ from dualflow.train.scan import make_scan_fit
 
 __all__ = ["UCI_METHODS", "MethodSpec", "method_spec", "run_uci_group"]
 
+# Bump when a change alters the numbers a config produces; it is part of the
+# fingerprint stored with every record, so old records are not reused.
+PROTOCOL_VERSION = 1
+
 UCI_METHODS = (
     "bp",
     "bp_matched",
@@ -193,6 +197,7 @@ def _train_and_eval(
     data: UCIData,
     splits: Sequence[UCISplit],
     key: jax.Array,
+    split_ids: Sequence[int],
     *,
     epochs: int,
     eval_every: int,
@@ -204,7 +209,7 @@ def _train_and_eval(
     (standardised units).
     """
     x_tr, y_tr, x_te, y_te = _stack_splits(splits)
-    n_splits, n_train, d_in = x_tr.shape
+    _, n_train, d_in = x_tr.shape
     lik = _likelihood(cfg)
     factory = _factory(spec, cfg, d_in, data.n_hidden)
     graphdef, _, _ = nnx.split(factory(jax.random.key(0)), nnx.Param, ...)
@@ -227,7 +232,9 @@ def _train_and_eval(
         _, _, hist = run(params, rest, x, y, k_run, (xe, ye))
         return hist
 
-    keys = jax.random.split(key, n_splits)
+    # one key per split *id*: a split's result does not depend on which other
+    # splits run with it (subsets and resumed runs equal the full run)
+    keys = jnp.stack([jax.random.fold_in(key, k) for k in split_ids])
     hist = jax.jit(jax.vmap(one))(keys, x_tr, y_tr, x_te, y_te)
     return jax.tree.map(np.asarray, hist)
 
@@ -268,6 +275,7 @@ def run_uci_group(
         data,
         inner,
         jax.random.fold_in(base_key, 0),
+        split_ids,
         epochs=budget,
         eval_every=eval_every,
         num_samples=cfg.val_samples,
@@ -292,6 +300,7 @@ def run_uci_group(
         data,
         full,
         jax.random.fold_in(base_key, 1),
+        split_ids,
         epochs=final_epochs,
         eval_every=eval_every,
         num_samples=cfg.test_samples,
@@ -361,7 +370,8 @@ def config_fingerprint(cfg: Mapping | Any) -> dict:
     def get(k):
         return cfg[k] if isinstance(cfg, Mapping) else getattr(cfg, k)
 
-    out = {k: _plain(get(k)) for k in keys}
+    out = {"protocol_version": PROTOCOL_VERSION}
+    out.update({k: _plain(get(k)) for k in keys})
     ng = cfg["ng"] if isinstance(cfg, Mapping) else cfg.ng
     ng = ng.to_dict() if hasattr(ng, "to_dict") else dict(ng)
     out["ng"] = {k: _plain(v) for k, v in ng.items()}

@@ -3,5 +3,23 @@ then the ``DUALFLOW_DATA_DIR`` environment variable (see :func:`resolve_data_dir
 
 from dualflow.data.digits import load_sklearn_digits
 from dualflow.data.paths import DataNotFoundError, resolve_data_dir
+from dualflow.data.uci import (
+    UCI_DATASETS,
+    UCIData,
+    UCISplit,
+    inner_split_indices,
+    load_uci,
+    uci_split,
+)
 
-__all__ = ["DataNotFoundError", "load_sklearn_digits", "resolve_data_dir"]
+__all__ = [
+    "UCI_DATASETS",
+    "DataNotFoundError",
+    "UCIData",
+    "UCISplit",
+    "inner_split_indices",
+    "load_uci",
+    "load_sklearn_digits",
+    "resolve_data_dir",
+    "uci_split",
+]

@@ -30,7 +30,14 @@ import numpy as np
 
 from dualflow.data.paths import DataNotFoundError, resolve_data_dir
 
-__all__ = ["UCI_DATASETS", "UCIData", "UCISplit", "load_uci", "uci_split"]
+__all__ = [
+    "UCI_DATASETS",
+    "UCIData",
+    "UCISplit",
+    "inner_split_indices",
+    "load_uci",
+    "uci_split",
+]
 
 UCI_DATASETS = (
     "boston",
@@ -172,6 +179,27 @@ def _load(folder_str: str, name: str) -> UCIData:
     )
 
 
+def inner_split_indices(
+    data: UCIData, k: int, fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows of split ``k`` divided into (inner train, validation).
+
+    A random ``fraction`` of the split's training rows (at least one) becomes
+    the validation part; the permutation depends only on ``seed`` and ``k``.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}.")
+    tr = data.train_index[k]
+    perm = np.random.default_rng([seed, k]).permutation(tr)
+    n_val = max(1, int(round(fraction * len(tr))))
+    if n_val >= len(tr):
+        raise ValueError(
+            f"{data.name} split {k}: {len(tr)} training rows leave none for inner"
+            f" training at validation fraction {fraction}."
+        )
+    return perm[n_val:], perm[:n_val]
+
+
 def uci_split(
     data: UCIData, k: int, *, validation_fraction: float = 0.0, seed: int = 0
 ) -> UCISplit:
@@ -187,13 +215,7 @@ def uci_split(
         raise ValueError(f"{data.name} has splits 0..{data.n_splits - 1}; got {k}.")
     tr, te = data.train_index[k], data.test_index[k]
     if validation_fraction:
-        if not 0.0 < validation_fraction < 1.0:
-            raise ValueError(
-                f"validation_fraction must be in (0, 1), got {validation_fraction}."
-            )
-        perm = np.random.default_rng([seed, k]).permutation(tr)
-        n_val = max(1, int(round(validation_fraction * len(tr))))
-        tr, te = perm[n_val:], perm[:n_val]
+        tr, te = inner_split_indices(data, k, validation_fraction, seed)
     x_tr, y_tr = data.x[tr], data.y[tr]
     x_mean = x_tr.mean(0)
     x_std = x_tr.std(0)

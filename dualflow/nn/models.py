@@ -72,7 +72,8 @@ class Regressor(nnx.Module):
     (a Gaussian for ``bp``) and holds ``log_noise_var`` ``[d_out]`` (the learned
     homoscedastic noise read by ``Likelihood("gaussian")``).  With
     ``heteroscedastic=True`` the network has ``2 * d_out`` outputs (means, then
-    log noise variances) for ``Likelihood("heteroscedastic")``.
+    log noise variances, whose bias starts at ``log(noise_var)``) for
+    ``Likelihood("heteroscedastic")``.
 
     Args:
       noise_var: initial noise variance (in the units of the targets).
@@ -97,7 +98,16 @@ class Regressor(nnx.Module):
         width = 2 * d_out if heteroscedastic else d_out
         self.net = MLP((d_in, *hidden, width), rngs=rngs, **mlp_kwargs)
         self.heteroscedastic = bool(heteroscedastic)
-        self.log_noise_var = nnx.Param(jnp.full((d_out,), math.log(noise_var), dtype))
+        if heteroscedastic:
+            # the log-noise outputs start at log(noise_var) via their bias
+            head = self.net.net.layers[-1]
+            if head.use_bias:
+                b = head.bias_mean[...]
+                head.bias_mean.value = b.at[d_out:].set(math.log(noise_var))
+        else:
+            self.log_noise_var = nnx.Param(
+                jnp.full((d_out,), math.log(noise_var), dtype)
+            )
 
     def __call__(self, x, ctx: Context):
         return self.net(x, ctx)
