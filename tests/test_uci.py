@@ -109,8 +109,9 @@ def test_inner_validation_split_never_touches_test_rows():
         )
         assert np.intersect1d(val, data.test_index[k]).size == 0
         assert len(val) == round(0.2 * len(data.train_index[k]))
-        # deterministic given (seed, k)
+        # a function of (seed, k) only
         np.testing.assert_array_equal(val, inner_split_indices(data, k, 0.2, 0)[1])
+        assert not np.array_equal(val, inner_split_indices(data, k, 0.2, 1)[1])
     inner = uci_split(data, 0, validation_fraction=0.2)
     tr, val = inner_split_indices(data, 0, 0.2, 0)
     np.testing.assert_allclose(
@@ -302,6 +303,41 @@ def test_scan_fit_vmaps_over_runs_and_evaluates_on_schedule():
         )
 
 
+def test_longer_run_repeats_the_shorter_one_up_to_its_end():
+    """The retraining phase runs to the latest selected epoch and reads each
+    split's metrics at its own epoch: that reading must equal a run that stops
+    there (same key), so the evaluation history of a longer run starts with the
+    shorter run's history."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(40, 2)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(40, 1)), jnp.float32)
+    model = dnn.Regressor(2, (4,), 1, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def ev(m, data, key):
+        out = dnn.apply(m, data[0], dnn.Method("reparam"), key)
+        return {"se": ((out - data[1]) ** 2).mean()}
+
+    def hist(epochs):
+        run = make_scan_fit(
+            graphdef,
+            optax.adam(1e-2),
+            method=dnn.Method("reparam"),
+            likelihood=dnn.Likelihood("gaussian"),
+            n_data=40,
+            batch_size=8,
+            epochs=epochs,
+            eval_fn=ev,
+            eval_every=2,
+        )
+        return jax.jit(run)(params, rest, x, y, jax.random.key(3), (x, y))[2]
+
+    short, long = hist(6), hist(12)
+    np.testing.assert_array_equal(long["se"][:3], short["se"])
+    np.testing.assert_array_equal(long["loss"][:6], short["loss"])
+    assert not np.array_equal(long["se"][3:6], short["se"])
+
+
 # ------------------------------------------------------- heteroscedastic
 def test_heteroscedastic_likelihood_closed_forms(x64):
     model = dnn.Regressor(
@@ -312,6 +348,9 @@ def test_heteroscedastic_likelihood_closed_forms(x64):
     lik = dnn.Likelihood("heteroscedastic")
     out = dnn.apply(model, x, dnn.Method("bp"))
     assert out.shape == (6, 2)
+    head = model.net.net.layers[-1]
+    np.testing.assert_allclose(head.bias_mean[...], [0.0, math.log(0.1)])
+    assert not hasattr(model, "log_noise_var")  # the noise is an output here
     # bp: predictive variance = output variance + lognormal mean of the noise
     pred = dnn.predict(model, x, method=dnn.Method("bp"), likelihood=lik)
     noise = np.exp(out.mean[:, 1:] + 0.5 * out.var[:, 1:])
@@ -446,21 +485,51 @@ def test_script_refuses_bad_input_without_touching_results(tmp_path):
     assert res.returncode != 0 and "DUALFLOW_DATA_DIR" in res.stderr + res.stdout
 
 
+def _uci_config():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_uci_config", ROOT / "configs" / "uci.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def _tiny(cfg):
+    cfg.max_steps, cfg.eval_points = 12, 2
+    cfg.val_samples, cfg.test_samples, cfg.ensemble_size = 2, 4, 2
+    return cfg
+
+
+def test_metrics_are_reported_in_original_units(tmp_path):
+    """Targets scaled by c and shifted: training (in standardised units) is
+    unchanged, so RMSE scales by c and the log-likelihood shifts by -log c; a
+    subset of splits reproduces the same split's record of a larger run."""
+    from dualflow.benchmarks.uci import run_uci_group
+
+    cfg = _tiny(_uci_config())
+    a, b = tmp_path / "a", tmp_path / "b"
+    table = _write_uci(a, "energy", n=60, d=3, splits=3)
+    _write_uci(b, "energy", n=60, d=3, splits=3)
+    c = 1000.0
+    table[:, 4] = c * table[:, 4] + 7.0
+    np.savetxt(b / "uci" / "energy" / "data.txt", table)
+    ra = run_uci_group(load_uci("energy", a), "bp", [0, 1, 2], cfg, log=print)
+    rb = run_uci_group(load_uci("energy", b), "bp", [2], cfg, log=print)
+    assert ra[2]["epochs"] == rb[0]["epochs"]
+    assert rb[0]["rmse"] == pytest.approx(c * ra[2]["rmse"], rel=1e-4)
+    assert rb[0]["test_ll"] == pytest.approx(ra[2]["test_ll"] - math.log(c), abs=1e-4)
+
+
 def test_every_method_runs_a_group_on_small_data(tmp_path):
     """Each benchmark method trains, selects an epoch and reports finite,
     original-unit metrics on a synthetic data set in the UCI layout."""
-    sys.path.insert(0, str(ROOT / "configs"))
-    try:
-        import uci as uci_config
-    finally:
-        sys.path.pop(0)
     from dualflow.benchmarks.uci import UCI_METHODS, run_uci_group
 
     _write_uci(tmp_path, "energy", n=60, d=3, splits=2)
     data = load_uci("energy", tmp_path)
-    cfg = uci_config.get_config()
-    cfg.max_steps, cfg.eval_points = 12, 2
-    cfg.val_samples, cfg.test_samples, cfg.ensemble_size = 2, 4, 2
+    cfg = _tiny(_uci_config())
     # bp, bp_matched and ensemble run in the quick benchmark test; local_reparam
     # and flipout share reparam's code path here (only the layer sampler differs,
     # tested in test_nn.py)

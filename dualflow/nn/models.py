@@ -103,7 +103,7 @@ class Regressor(nnx.Module):
             head = self.net.net.layers[-1]
             if head.use_bias:
                 b = head.bias_mean[...]
-                head.bias_mean.value = b.at[d_out:].set(math.log(noise_var))
+                head.bias_mean[...] = b.at[d_out:].set(math.log(noise_var))
         else:
             self.log_noise_var = nnx.Param(
                 jnp.full((d_out,), math.log(noise_var), dtype)
