@@ -223,7 +223,11 @@ def main(argv):
         and (r["dataset"], r["method"], r["split"]) in wanted
     ]
     summary = summarize(current)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    script = Path(sys.argv[0]).resolve()
+    repo = Path(__file__).resolve().parents[1]
+    if script.is_relative_to(repo):  # the command as run from the repo root
+        script = script.relative_to(repo)
+    command = "python " + " ".join([script.as_posix(), *sys.argv[1:]])
     compute = sum(r["seconds"] for r in current)
     header = (
         f"# UCI regression benchmark\n\n"
