@@ -28,6 +28,7 @@ __all__ = [
     "categorical_nll",
     "expected_log_softmax",
     "gaussian_nll",
+    "heteroscedastic_noise",
     "heteroscedastic_nll",
     "kl_divergence",
     "kl_mean_field",
@@ -69,16 +70,20 @@ def gaussian_nll(pred: Gaussian, y: Array, noise_var: Array | float) -> Array:
     return 0.5 * (_LOG_2PI + jnp.log(s) + (y - pred.mean) ** 2 / s)
 
 
+def heteroscedastic_noise(log_noise: Gaussian) -> Array:
+    """Noise variance ``E[exp(z)] = exp(m_z + P_z / 2)`` for the belief
+    ``z ~ N(m_z, P_z)`` over a log-variance output (log-normal mean)."""
+    log_noise = as_gaussian(log_noise, "heteroscedastic log_noise")
+    return jnp.exp(log_noise.mean + 0.5 * log_noise.var)
+
+
 def heteroscedastic_nll(pred: Gaussian, log_noise: Gaussian, y: Array) -> Array:
     """Gaussian NLL with per-example noise from a log-variance output.
 
-    The noise variance is ``E[exp(z)] = exp(m_z + P_z / 2)`` for the belief
-    ``z ~ N(m_z, P_z)`` over the log-variance output (log-normal mean); the
-    uncertainty of ``z`` beyond that is ignored.
+    The noise variance is :func:`heteroscedastic_noise` of the belief over the
+    log-variance output; the uncertainty of ``z`` beyond that is ignored.
     """
-    log_noise = as_gaussian(log_noise, "heteroscedastic_nll log_noise")
-    noise = jnp.exp(log_noise.mean + 0.5 * log_noise.var)
-    return gaussian_nll(pred, y, noise)
+    return gaussian_nll(pred, y, heteroscedastic_noise(log_noise))
 
 
 # --------------------------------------------------------------------------

@@ -86,43 +86,41 @@ def _load_records(path: Path) -> list[dict]:
 
 
 def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+    """Short hash of HEAD, ``+dirty`` with uncommitted changes to tracked files."""
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args],
             capture_output=True,
             text=True,
             cwd=Path(__file__).resolve().parents[1],
             check=True,
         ).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def _check_quick(records: list[dict], datasets) -> list[str]:
+def _check_quick(records: list[dict], loaded: dict) -> list[str]:
     """Sanity checks of the quick run: finite metrics; boston and yacht RMSE
-    well below predicting the training mean (RMSE of that baseline on the split)."""
+    well below predicting the training mean (RMSE of that baseline on the split).
+    ``loaded`` maps data set names to their ``UCIData``."""
     import numpy as np
 
-    from dualflow.data.uci import load_uci, uci_split
+    from dualflow.data.uci import uci_split
 
     problems = []
     for r in records:
         if not (math.isfinite(r["rmse"]) and math.isfinite(r["test_ll"])):
             problems.append(f"{r['dataset']}/{r['method']}/{r['split']}: not finite")
     for ds in ("boston", "yacht"):
-        if ds not in datasets:
+        if ds not in loaded:
             continue
-        data = load_uci(ds, FLAGS.config.data_dir or None)
         for r in (r for r in records if r["dataset"] == ds):
-            sp = uci_split(data, r["split"])
+            sp = uci_split(loaded[ds], r["split"])
             baseline = float(np.sqrt(np.mean(sp.y_test.astype(float) ** 2))) * sp.y_std
             if not r["rmse"] < 0.6 * baseline:
                 problems.append(
@@ -167,18 +165,18 @@ def main(argv):
         loaded = {ds: load_uci(ds, cfg.data_dir or None) for ds in datasets}
     except DataNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
+    split_ids = {
+        ds: _parse_splits(cfg.splits, loaded[ds].n_splits, ds) for ds in datasets
+    }
+    wanted = {(ds, m, k) for ds in datasets for m in methods for k in split_ids[ds]}
     groups = []
     for ds in datasets:
-        ids = _parse_splits(cfg.splits, loaded[ds].n_splits, ds)
         for m in methods:
-            todo = [k for k in ids if (ds, m, k) not in done]
+            todo = [k for k in split_ids[ds] if (ds, m, k) not in done]
             if todo:
                 groups.append((ds, m, todo))
-    n_wanted = len(methods) * sum(
-        len(_parse_splits(cfg.splits, loaded[d].n_splits, d)) for d in datasets
-    )
     n_todo = sum(len(g[2]) for g in groups)
-    n_skipped = n_wanted - n_todo
+    n_skipped = len(wanted) - n_todo
     print(
         f"UCI benchmark: {len(datasets)} data sets x {len(methods)} methods;"
         f" {n_skipped} finished records reused, {n_todo} to run"
@@ -210,12 +208,6 @@ def main(argv):
     wall = time.time() - t0
 
     # report over the requested data sets, methods and splits with this config
-    wanted = {
-        (ds, m, k)
-        for ds in datasets
-        for m in methods
-        for k in _parse_splits(cfg.splits, loaded[ds].n_splits, ds)
-    }
     current = [
         r
         for r in records
@@ -259,7 +251,7 @@ def main(argv):
         print("FAILED groups (not in the table):\n  " + "\n  ".join(failures))
         sys.exit(1)
     if cfg.quick:
-        problems = _check_quick(current, datasets)
+        problems = _check_quick(current, loaded)
         if problems:
             print("QUICK CHECK FAILED:\n  " + "\n  ".join(problems))
             sys.exit(1)

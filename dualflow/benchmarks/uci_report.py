@@ -22,6 +22,12 @@ __all__ = [
     "summarize",
 ]
 
+
+def _per_dataset(*values: float) -> dict[str, float]:
+    """One value per data set, in :data:`UCI_DATASETS` order."""
+    return dict(zip(UCI_DATASETS, values, strict=True))
+
+
 # Published test log-likelihood / RMSE (mean +- standard error over splits),
 # one hidden layer of 50 units (protein 100).  Each entry says where it was read.
 PUBLISHED: dict[str, dict] = {
@@ -30,20 +36,8 @@ PUBLISHED: dict[str, dict] = {
         " ICML (homoscedastic noise, 40 epochs, 20 splits; protein 5); values as"
         " reprinted in Gal & Ghahramani (2016) Table 1 and Lakshminarayanan et al."
         " (2017) Table 1, which agree",
-        "ll": dict(
-            zip(
-                UCI_DATASETS,
-                (-2.57, -3.16, -2.04, 0.90, 3.73, -2.84, -2.97, -0.97, -1.63),
-                strict=True,
-            )
-        ),
-        "rmse": dict(
-            zip(
-                UCI_DATASETS,
-                (3.01, 5.67, 1.80, 0.10, 0.01, 4.12, 4.73, 0.64, 1.02),
-                strict=True,
-            )
-        ),
+        "ll": _per_dataset(-2.57, -3.16, -2.04, 0.90, 3.73, -2.84, -2.97, -0.97, -1.63),
+        "rmse": _per_dataset(3.01, 5.67, 1.80, 0.10, 0.01, 4.12, 4.73, 0.64, 1.02),
     },
     "MC dropout": {
         "cite": "Gal & Ghahramani (2016), Dropout as a Bayesian approximation, ICML,"
@@ -51,115 +45,43 @@ PUBLISHED: dict[str, dict] = {
         " its printed ± are standard deviations (the code repository's README gives"
         " standard errors); later repository re-runs with longer training are"
         " better and are not used here",
-        "ll": dict(
-            zip(
-                UCI_DATASETS,
-                (-2.46, -3.04, -1.99, 0.95, 3.80, -2.80, -2.89, -0.93, -1.55),
-                strict=True,
-            )
-        ),
-        "rmse": dict(
-            zip(
-                UCI_DATASETS,
-                (2.97, 5.23, 1.66, 0.10, 0.01, 4.02, 4.36, 0.62, 1.11),
-                strict=True,
-            )
-        ),
+        "ll": _per_dataset(-2.46, -3.04, -1.99, 0.95, 3.80, -2.80, -2.89, -0.93, -1.55),
+        "rmse": _per_dataset(2.97, 5.23, 1.66, 0.10, 0.01, 4.02, 4.36, 0.62, 1.11),
     },
     "Deep ensembles": {
         "cite": "Lakshminarayanan, Pritzel & Blundell (2017), Simple and scalable"
         " predictive uncertainty estimation using deep ensembles, NeurIPS, Table 1"
         " (NLL sign-flipped; 5 networks predicting mean and variance, adversarial"
         " training, 40 epochs, batch 100)",
-        "ll": dict(
-            zip(
-                UCI_DATASETS,
-                (-2.41, -3.06, -1.38, 1.20, 5.63, -2.79, -2.83, -0.94, -1.18),
-                strict=True,
-            )
-        ),
-        "rmse": dict(
-            zip(
-                UCI_DATASETS,
-                (3.28, 6.03, 2.09, 0.09, 0.00, 4.11, 4.71, 0.64, 1.58),
-                strict=True,
-            )
-        ),
+        "ll": _per_dataset(-2.41, -3.06, -1.38, 1.20, 5.63, -2.79, -2.83, -0.94, -1.18),
+        "rmse": _per_dataset(3.28, 6.03, 2.09, 0.09, 0.00, 4.11, 4.71, 0.64, 1.58),
     },
     "DVI": {
         "cite": "Wu et al. (2019), Deterministic variational inference for robust"
         " Bayesian neural networks, ICLR, Table 2 (heteroscedastic noise, empirical"
         " Bayes prior, trained to convergence, random 90/10 splits)",
-        "ll": dict(
-            zip(
-                UCI_DATASETS,
-                (-2.41, -3.06, -1.01, 1.13, 6.29, -2.80, -2.85, -0.90, -0.47),
-                strict=True,
-            )
-        ),
+        "ll": _per_dataset(-2.41, -3.06, -1.01, 1.13, 6.29, -2.80, -2.85, -0.90, -0.47),
     },
     "DVI homosc.": {
         "cite": "Wu et al. (2019), Table 2, column hoDVI (the homoscedastic model)",
-        "ll": dict(
-            zip(
-                UCI_DATASETS,
-                (-2.58, -3.23, -2.09, 1.01, 5.84, -2.82, -2.94, -0.96, -1.41),
-                strict=True,
-            )
-        ),
+        "ll": _per_dataset(-2.58, -3.23, -2.09, 1.01, 5.84, -2.82, -2.94, -0.96, -1.41),
     },
     "Paper BP": {
         "cite": "Duality of information flow (this project's paper), Table 2, column"
         " BP (its ± is not defined; yacht RMSE 64 as printed)",
-        "ll": dict(
-            zip(
-                UCI_DATASETS,
-                (-2.6, -3.2, -2.2, 1.1, 4.0, -2.8, -2.9, -1.0, -2.8),
-                strict=True,
-            )
-        ),
-        "rmse": dict(
-            zip(
-                UCI_DATASETS,
-                (3.5, 6.1, 2.7, 0.1, 0.0, 4.1, 4.4, 0.6, 64.0),
-                strict=True,
-            )
-        ),
+        "ll": _per_dataset(-2.6, -3.2, -2.2, 1.1, 4.0, -2.8, -2.9, -1.0, -2.8),
+        "rmse": _per_dataset(3.5, 6.1, 2.7, 0.1, 0.0, 4.1, 4.4, 0.6, 64.0),
     },
     "Paper DE": {
         "cite": "Duality of information flow, Table 2, column DE",
-        "ll": dict(
-            zip(
-                UCI_DATASETS,
-                (-2.5, -3.4, -2.2, 0.4, 2.9, -3.0, -3.0, -0.9, -2.7),
-                strict=True,
-            )
-        ),
-        "rmse": dict(
-            zip(
-                UCI_DATASETS,
-                (3.3, 7.7, 2.7, 0.2, 0.0, 4.3, 5.1, 0.6, 59.0),
-                strict=True,
-            )
-        ),
+        "ll": _per_dataset(-2.5, -3.4, -2.2, 0.4, 2.9, -3.0, -3.0, -0.9, -2.7),
+        "rmse": _per_dataset(3.3, 7.7, 2.7, 0.2, 0.0, 4.3, 5.1, 0.6, 59.0),
     },
     "Paper Reparam": {
         "cite": "Duality of information flow, Table 2, column Reparam (local"
         " reparameterisation)",
-        "ll": dict(
-            zip(
-                UCI_DATASETS,
-                (-3.2, -3.9, -3.0, -2.3, 4.9, -3.2, -3.5, -1.4, -2.5),
-                strict=True,
-            )
-        ),
-        "rmse": dict(
-            zip(
-                UCI_DATASETS,
-                (3.5, 6.8, 2.9, 0.1, 0.0, 4.2, 4.5, 0.6, 4.1),
-                strict=True,
-            )
-        ),
+        "ll": _per_dataset(-3.2, -3.9, -3.0, -2.3, 4.9, -3.2, -3.5, -1.4, -2.5),
+        "rmse": _per_dataset(3.5, 6.8, 2.9, 0.1, 0.0, 4.2, 4.5, 0.6, 4.1),
     },
 }
 

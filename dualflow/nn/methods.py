@@ -336,9 +336,8 @@ def _predict(model, x, method, likelihood, key, num_samples) -> Predictive:
                 sp = jax.nn.softmax(out.sample(key, (num_samples,)), axis=-1)
             return Predictive(probs=probs, sample_probs=sp)
         if likelihood.kind == "heteroscedastic":
-            mean, log_noise = _split_heteroscedastic(out)
-            noise = jnp.exp(log_noise.mean + 0.5 * log_noise.var)
-            out = mean
+            out, log_noise = _split_heteroscedastic(out)
+            noise = objectives.heteroscedastic_noise(log_noise)
         else:
             noise = _noise_var(model, likelihood)
         var = out.var + noise

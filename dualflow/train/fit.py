@@ -26,7 +26,7 @@ from dualflow.nn.methods import Likelihood, objective
 __all__ = ["fit", "make_train_step"]
 
 
-def make_train_step(
+def make_pure_step(
     graphdef,
     tx: optax.GradientTransformation,
     *,
@@ -35,7 +35,8 @@ def make_train_step(
     n_data: int,
     kl_weight: float,
 ):
-    """Jitted ``step(params, rest, opt_state, x, y, key)``.
+    """Un-jitted ``step(params, rest, opt_state, x, y, key)`` (for use inside
+    other transformations, e.g. ``lax.scan``; :func:`make_train_step` jits it).
 
     Returns ``(params, rest, opt_state, metrics)`` with ``metrics`` =
     ``{"loss", "nll", "kl"}`` of the batch before the update.  ``params`` are the
@@ -60,7 +61,6 @@ def make_train_step(
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return loss, (parts, new_rest)
 
-    @jax.jit
     def step(params, rest, opt_state, x, y, key):
         (loss, (parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, rest, x, y, key
@@ -70,6 +70,28 @@ def make_train_step(
         return params, rest, opt_state, {"loss": loss, **parts}
 
     return step
+
+
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    *,
+    method: Method,
+    likelihood: Likelihood,
+    n_data: int,
+    kl_weight: float,
+):
+    """Jitted :func:`make_pure_step`."""
+    return jax.jit(
+        make_pure_step(
+            graphdef,
+            tx,
+            method=method,
+            likelihood=likelihood,
+            n_data=n_data,
+            kl_weight=kl_weight,
+        )
+    )
 
 
 def fit(

@@ -19,7 +19,8 @@ import optax
 from flax import nnx
 
 from dualflow.nn.context import Method
-from dualflow.nn.methods import Likelihood, objective
+from dualflow.nn.methods import Likelihood
+from dualflow.train.fit import make_pure_step
 
 __all__ = ["make_scan_fit"]
 
@@ -60,23 +61,14 @@ def make_scan_fit(
         raise ValueError(f"eval_every must be in [1, {epochs}], got {eval_every}.")
     steps = n_data // batch_size
 
-    def loss_fn(params, rest, x, y, key):
-        model = nnx.merge(graphdef, params, rest, copy=True)
-        loss, _ = objective(
-            model,
-            x,
-            y,
-            key,
-            method=method,
-            likelihood=likelihood,
-            n_data=n_data,
-            kl_weight=kl_weight,
-            train=True,
-        )
-        _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        return loss, new_rest
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    train_step = make_pure_step(
+        graphdef,
+        tx,
+        method=method,
+        likelihood=likelihood,
+        n_data=n_data,
+        kl_weight=kl_weight,
+    )
 
     def run(params, rest, x, y, key, eval_data=None):
         if x.shape[0] != n_data:
@@ -84,12 +76,9 @@ def make_scan_fit(
         opt_state = tx.init(params)
 
         def step(carry, inp):
-            params, rest, opt_state = carry
             idx, k = inp
-            (loss, rest), grads = grad_fn(params, rest, x[idx], y[idx], k)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return (params, rest, opt_state), loss
+            *carry, metrics = train_step(*carry, x[idx], y[idx], k)
+            return tuple(carry), metrics["loss"]
 
         def epoch(carry, k):
             k_perm, k_steps = jax.random.split(k)
