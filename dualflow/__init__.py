@@ -11,12 +11,23 @@ Public layout:
   dualflow.objectives     regression/classification heads, KL, negative ELBO
   dualflow.pgm            exact references: Gaussian chain, Kalman/RTS, HMM
   dualflow.nn             Flax NNX layers; one model for every learning method
+  dualflow.models         MLP, VGG16, ResNets, WRN, DenseNet-BC, EfficientNet, Mixer
   dualflow.optim          natural_gradient() optax transform (App. D)
   dualflow.metrics        accuracy, NLL, Brier, ECE, RMSE, LL, entropy, MI, AUROC
   dualflow.train          fit(): a small jitted training loop
 """
 
-from dualflow import metrics, moments, nn, objectives, optim, pgm, smoothing, train
+from dualflow import (
+    metrics,
+    models,
+    moments,
+    nn,
+    objectives,
+    optim,
+    pgm,
+    smoothing,
+    train,
+)
 from dualflow.gaussian import (
     Gaussian,
     as_gaussian,
@@ -34,6 +45,7 @@ __all__ = [
     "as_gaussian",
     "debug_checks_enabled",
     "metrics",
+    "models",
     "moments",
     "nn",
     "objectives",

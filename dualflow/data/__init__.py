@@ -2,6 +2,7 @@
 then the ``DUALFLOW_DATA_DIR`` environment variable (see :func:`resolve_data_dir`)."""
 
 from dualflow.data.digits import load_sklearn_digits
+from dualflow.data.info import IMAGE_DATASETS, ImageDatasetInfo, dataset_info
 from dualflow.data.paths import DataNotFoundError, resolve_data_dir
 from dualflow.data.uci import (
     UCI_DATASETS,
@@ -13,6 +14,9 @@ from dualflow.data.uci import (
 )
 
 __all__ = [
+    "IMAGE_DATASETS",
+    "ImageDatasetInfo",
+    "dataset_info",
     "UCI_DATASETS",
     "DataNotFoundError",
     "UCIData",

@@ -23,7 +23,17 @@ from dualflow.moments.activations import (
     softplus,
     tanh,
 )
-from dualflow.moments.combine import add, concatenate, flatten, reshape, scale
+from dualflow.moments.combine import (
+    add,
+    bernoulli_dropout,
+    concatenate,
+    flatten,
+    multiply,
+    reshape,
+    resize,
+    scale,
+    transpose,
+)
 from dualflow.moments.linear import bilinear_moments, conv, dense
 from dualflow.moments.pooling import avg_pool, global_avg_pool, max_pool
 
@@ -34,6 +44,7 @@ __all__ = [
     "activation",
     "add",
     "avg_pool",
+    "bernoulli_dropout",
     "bilinear_moments",
     "concatenate",
     "conv",
@@ -46,12 +57,15 @@ __all__ = [
     "identity",
     "leaky_relu",
     "max_pool",
+    "multiply",
     "probit",
     "relu",
     "reshape",
+    "resize",
     "scale",
     "sigmoid",
     "silu",
     "softplus",
     "tanh",
+    "transpose",
 ]

@@ -5,6 +5,7 @@ One model definition, many learning methods (``Method(name=...)``): ``bp``
 ``local_reparam``, ``flipout``, ``deterministic``, ``ensemble``, ``mc_dropout``.
 """
 
+from dualflow.nn import ops
 from dualflow.nn.context import METHODS, SAMPLING_METHODS, Context, Method
 from dualflow.nn.layers import (
     Activation,
@@ -13,8 +14,11 @@ from dualflow.nn.layers import (
     BayesianModule,
     Conv,
     Dense,
+    Dropout,
     Flatten,
+    Gain,
     GlobalAvgPool,
+    LayerNorm,
     MaxPool,
     Residual,
     Sequential,
@@ -43,8 +47,11 @@ __all__ = [
     "Context",
     "Conv",
     "Dense",
+    "Dropout",
     "Flatten",
+    "Gain",
     "GlobalAvgPool",
+    "LayerNorm",
     "Likelihood",
     "MaxPool",
     "Method",
@@ -54,6 +61,7 @@ __all__ = [
     "apply",
     "kl_divergence",
     "make_ensemble",
+    "ops",
     "objective",
     "predict",
     "predictive_log_likelihood",

@@ -42,8 +42,11 @@ __all__ = [
     "BayesianModule",
     "Conv",
     "Dense",
+    "Dropout",
     "Flatten",
+    "Gain",
     "GlobalAvgPool",
+    "LayerNorm",
     "MaxPool",
     "Residual",
     "Sequential",
@@ -549,3 +552,70 @@ class BatchNorm(nnx.Module):
                 " normalisation (norm=None) for method 'bp'."
             )
         return self.bn(_point(x, "BatchNorm"), use_running_average=not ctx.train)
+
+
+class Dropout(nnx.Module):
+    """Dropout with drop probability ``rate``; what it does depends on the method.
+
+    * ``bp``: the Bernoulli mask is a node of the model and is marginalised
+      in closed form (:func:`dualflow.moments.bernoulli_dropout`) at train and
+      test time alike, so the forward stays deterministic.
+    * ``mc_dropout``: masks are sampled at train *and* test time.
+    * every other method: inverted dropout at train time only (needs a key);
+      identity at evaluation.
+    """
+
+    def __init__(self, rate: float):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"Dropout rate must be in [0, 1), got {rate}.")
+        self.rate = float(rate)
+
+    def __call__(self, x, ctx: Context):
+        if self.rate == 0.0:
+            return x
+        if ctx.name == "bp":
+            return moments.bernoulli_dropout(x, self.rate)
+        x = _point(x, "Dropout")
+        if not (ctx.train or ctx.name == "mc_dropout"):
+            return x
+        keep = jax.random.bernoulli(ctx.next_key(), 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Layer normalisation over the last axis for the non-``bp`` methods
+    (MLP-Mixer's "vanilla" variant).  Like :class:`BatchNorm` it has no
+    moment rule: under ``bp`` it raises (build the model with ``norm=None``).
+    """
+
+    def __init__(self, num_features: int, *, rngs: nnx.Rngs):
+        self.ln = nnx.LayerNorm(num_features, rngs=rngs)
+
+    def __call__(self, x, ctx: Context):
+        if ctx.name == "bp":
+            raise ValueError(
+                "LayerNorm has no Gaussian moment rule: build the model without"
+                " normalisation (norm=None) for method 'bp'."
+            )
+        return self.ln(_point(x, "LayerNorm"))
+
+
+class Gain(nnx.Module):
+    """A learned deterministic scalar ``alpha * x`` (point-estimated, no KL).
+
+    Residual branches of normalisation-free (``NF``) networks end with it,
+    initialised small (SkipInit, De & Smith 2020: ``alpha = 0`` makes every
+    residual block the identity at initialisation so depth does not blow up
+    the activations or their variances).  Under ``bp`` the variance scales by
+    ``alpha^2``.
+    """
+
+    def __init__(self, init: float = 0.0, *, param_dtype: Any = jnp.float32):
+        self.gain = nnx.Param(jnp.asarray(init, param_dtype))
+
+    def __call__(self, x, ctx: Context):
+        a = self.gain[...]
+        if ctx.name == "bp":
+            return moments.scale(x, a)
+        x = _point(x, "Gain")
+        return a.astype(x.dtype) * x

@@ -1,0 +1,153 @@
+"""Cost of every model: parameters, forward FLOPs, bp / deterministic step time.
+
+    python scripts/bench_models.py                       # all models, batch 8
+    python scripts/bench_models.py --models=resnet20,mlp --repeats=1 \
+        --out=/tmp/bench.json                            # a quick subset
+
+For each model (normalisation-free variant, CIFAR shape 32x32x3, 10 classes)
+one SGD train step is compiled and timed for ``deterministic`` and ``bp`` on
+the same graph (median of ``--repeats``; the two take turns).  Writes the
+records (JSON) and a markdown table next to them; paste the table into
+docs/models.md with the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+import jax  # noqa: E402
+
+from dualflow.benchmarks.models import (  # noqa: E402
+    BENCH_MODELS,
+    TINY,
+    markdown_table,
+    mc_variance_ratios,
+    measure_model,
+)
+from dualflow.io import write_json_atomic  # noqa: E402
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=_REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _mc(args) -> int:
+    print(
+        f"bp vs Monte Carlo, tiny models, init_var {args.init_var} / fan_in,"
+        f" {args.samples} samples; var ratio = bp / MC (min, median, max)"
+    )
+    print(
+        "| family | max abs z of mean (lin / matched) | var ratio vs reparam |"
+        " var ratio vs local reparam |\n|---|---|---|---|"
+    )
+    for fam in TINY:
+        r = mc_variance_ratios(fam, init_var=args.init_var, samples=args.samples)
+
+        def f(v):
+            return "{:.2f} / {:.2f} / {:.2f}".format(*v)
+
+        print(
+            f"| {fam} | {r['linearized_max_abs_z_mean']:.1f} /"
+            f" {r['matched_max_abs_z_mean']:.1f} |"
+            f" {f(r['matched_var_ratio_reparam'])} |"
+            f" {f(r['matched_var_ratio_local_reparam'])} |",
+            flush=True,
+        )
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--models",
+        default="",
+        help="comma-separated row labels or registry names (default: all rows)",
+    )
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--out", default=os.path.join(_REPO, "results", "models", "bench.json")
+    )
+    args = ap.parse_args(argv)
+    want = [w.strip() for w in args.models.split(",") if w.strip()]
+    rows = [r for r in BENCH_MODELS if not want or r[0] in want or r[1] in want]
+    unknown = [w for w in want if not any(w in (r[0], r[1]) for r in BENCH_MODELS)]
+    if unknown or not rows:
+        known = ", ".join(r[0] for r in BENCH_MODELS)
+        print(
+            f"error: unknown --models {unknown}; choose from: {known}", file=sys.stderr
+        )
+        return 2
+    dev = jax.devices()[0]
+    print(
+        f"jax {jax.__version__} on {dev.platform} ({platform.processor() or '?'},"
+        f" {os.cpu_count()} cores); batch {args.batch}, median of {args.repeats}",
+        flush=True,
+    )
+    records, labels = [], []
+    t0 = time.perf_counter()
+    for i, (label, name, kw) in enumerate(rows, 1):
+        print(f"[{i}/{len(rows)}] {label}", flush=True)
+        r = measure_model(
+            name,
+            kw,
+            batch=args.batch,
+            repeats=args.repeats,
+            log=lambda s: print(s, flush=True),
+        )
+        r["label"] = label
+        records.append(r)
+        labels.append(label)
+        print(
+            f"  params {r['params_published_variant']:,d}; step det"
+            f" {r['step_s_deterministic']:.3f} s, bp {r['step_s_bp']:.3f} s,"
+            f" ratio {r['step_ratio_bp_over_deterministic']:.2f}",
+            flush=True,
+        )
+    table = markdown_table(records, labels)
+    cmd = "python scripts/bench_models.py " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:])
+    )
+    meta = {
+        "command": cmd.strip(),
+        "commit": _commit(),
+        "jax": jax.__version__,
+        "platform": dev.platform,
+        "cpu_count": os.cpu_count(),
+        "wall_s": time.perf_counter() - t0,
+    }
+    write_json_atomic(args.out, {"meta": meta, "records": records})
+    md = os.path.splitext(args.out)[0] + ".md"
+    tmp = md + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(
+            f"`{meta['command']}` (commit {meta['commit']}, {meta['platform']},"
+            f" {meta['cpu_count']} cores, {meta['wall_s'] / 60:.1f} min)\n\n"
+        )
+        f.write(table + "\n")
+    os.replace(tmp, md)
+    print(table)
+    print(f"wrote {args.out} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
