@@ -9,8 +9,9 @@
 The argument is ``<model>[,<dataset>]`` (dataset default: cifar10; it sets the
 input shape and the number of classes).  The model runs with the published
 normalisation unless ``model.norm`` says otherwise (``none``, ``batch``,
-``layer``).  Training image models goes through the training configs
-(configs/cifar10_resnet.py, ...), not this one.
+``layer``).  This config cannot train: image-model training configs are not
+in place yet (build the models with ``dualflow.models.build_model`` and train
+them with ``dualflow.train``).
 """
 
 import ml_collections

@@ -86,7 +86,17 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--out", default=os.path.join(_REPO, "results", "models", "bench.json")
     )
+    ap.add_argument(
+        "--mc",
+        action="store_true",
+        help="instead: bp output moments of the tiny model of every family vs"
+        " Monte Carlo",
+    )
+    ap.add_argument("--init_var", type=float, default=1e-3)
+    ap.add_argument("--samples", type=int, default=4000)
     args = ap.parse_args(argv)
+    if args.mc:
+        return _mc(args)
     want = [w.strip() for w in args.models.split(",") if w.strip()]
     rows = [r for r in BENCH_MODELS if not want or r[0] in want or r[1] in want]
     unknown = [w for w in want if not any(w in (r[0], r[1]) for r in BENCH_MODELS)]

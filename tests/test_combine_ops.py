@@ -36,9 +36,10 @@ def test_multiply_of_independent_gaussians_matches_monte_carlo():
     _check_mc(out, sx * sg)
 
 
-def test_multiply_closed_form_and_backward_rules_agree(x64):
-    x = _belief(jax.random.key(3), (3, 4))
-    g = _belief(jax.random.key(4), (3, 4))
+@pytest.mark.parametrize("gshape", [(2, 3, 3, 4), (2, 1, 1, 4)])
+def test_multiply_closed_form_and_backward_rules_agree(x64, gshape):
+    x = _belief(jax.random.key(3), (2, 3, 3, 4))
+    g = _belief(jax.random.key(4), gshape)  # full and SE-gate broadcast
     out = moments.multiply(x, g)
     var = x.mean**2 * g.var + x.var * g.mean**2 + x.var * g.var
     np.testing.assert_allclose(out.mean, x.mean * g.mean, rtol=1e-12)
@@ -80,16 +81,21 @@ def test_bernoulli_dropout_matches_monte_carlo_and_layer():
     sx = x.sample(kx, (S,))
     keep = jax.random.bernoulli(kb, 1 - rate, sx.shape)
     _check_mc(out, jnp.where(keep, sx / (1 - rate), 0.0))
-    # the layer: bp marginalises, mc_dropout samples, others are identity at eval
+    # the layer: bp marginalises; other methods drop at train time only;
+    # mc_dropout leaves it to the weight layers' own input dropout
     layer = nn.Dropout(rate)
     got = layer(x, nn.Context(nn.Method("bp")))
     np.testing.assert_allclose(got.var, out.var)
     pt = x.mean
-    same = layer(pt, nn.Context(nn.Method("deterministic"), jax.random.key(0)))
+    det = nn.Method("deterministic")
+    same = layer(pt, nn.Context(det, jax.random.key(0)))
     np.testing.assert_array_equal(same, pt)
-    ctx = nn.Context(nn.Method("mc_dropout"), jax.random.key(0))
-    dropped = layer(pt, ctx)
+    dropped = layer(pt, nn.Context(det, jax.random.key(0), train=True))
     assert np.any(np.asarray(dropped) == 0.0)
+    kept = np.asarray(dropped) != 0.0
+    np.testing.assert_allclose(np.asarray(dropped)[kept], pt[kept] / (1 - rate))
+    mc = nn.Context(nn.Method("mc_dropout"), jax.random.key(0), train=True)
+    np.testing.assert_array_equal(layer(pt, mc), pt)
     with pytest.raises(ValueError, match="rate"):
         nn.Dropout(1.0)
 

@@ -106,3 +106,8 @@ def pad_channels(x, cout: int, ctx: Context):
         x = as_gaussian(x, "shortcut input")
         return Gaussian(jnp.pad(x.mean, pads), jnp.pad(x.var, pads))
     return jnp.pad(x, pads)
+
+
+def _dtype(layer_kwargs) -> object:
+    """The parameter dtype the Bayesian layers use (float32 unless given)."""
+    return layer_kwargs.get("param_dtype", jnp.float32)

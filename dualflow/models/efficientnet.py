@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from flax import nnx
 
-from dualflow.models._common import check_norm, conv, dense, norm_act, norm_layer
+from dualflow.models._common import (
+    _dtype,
+    check_norm,
+    conv,
+    dense,
+    norm_act,
+    norm_layer,
+)
 from dualflow.nn import ops
 from dualflow.nn.context import Context
 from dualflow.nn.layers import Activation, Dropout, Gain, GlobalAvgPool, Sequential
@@ -97,7 +104,7 @@ class MBConv(nnx.Module):
             layers.append(n)
         self.residual = stride == 1 and cin == cout
         if self.residual and norm is None:
-            layers.append(Gain(residual_init))
+            layers.append(Gain(residual_init, param_dtype=_dtype(layer_kwargs)))
         self.branch = Sequential(*layers)
 
     def __call__(self, x, ctx: Context):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from dualflow.models._common import check_norm, conv, dense, norm_layer
+from dualflow.models._common import _dtype, check_norm, conv, dense, norm_layer
 from dualflow.nn import ops
 from dualflow.nn.context import Context
 from dualflow.nn.layers import Activation, Gain, GlobalAvgPool, Sequential
@@ -40,7 +40,11 @@ class MixerBlock(nnx.Module):
         **layer_kwargs,
     ):
         kw = dict(rngs=rngs, **layer_kwargs)
-        gain = (lambda: Gain(residual_init)) if norm is None else (lambda: None)
+        dtype = _dtype(layer_kwargs)
+
+        def gain():
+            return Gain(residual_init, param_dtype=dtype) if norm is None else None
+
         self.norm1 = _seq(norm_layer(norm, width, rngs))
         self.token_mlp = _seq(
             dense(tokens, token_hidden, **kw),

@@ -47,8 +47,8 @@ def _mixer(*, input_shape, patch: int | None = None, **kw):
     size = int(input_shape[0])
     if input_shape[0] != input_shape[1]:
         raise ValueError(f"mixer_s: needs square inputs, got {tuple(input_shape)}.")
-    if patch is None:  # 64 tokens for 32x32 / 64x64 inputs; /16 otherwise
-        patch = size // 8 if size <= 64 else 16
+    if patch is None:  # 4 up to 32x32 (64 tokens at 32), 8 up to 64, then 16
+        patch = 4 if size <= 32 else 8 if size <= 64 else 16
     return mixer_s(image_size=size, patch=patch, in_channels=int(input_shape[-1]), **kw)
 
 
@@ -82,7 +82,8 @@ PUBLISHED_PARAMS: dict[str, dict[str, Any]] = {
     ),
     "resnet18": dict(
         count=11_173_962,
-        source="ResNet-18 for CIFAR-10 as in common implementations (11.17M)",
+        source="post-activation ResNet-18 for CIFAR-10 as in common"
+        " implementations (11.17M); ours is pre-activation with a final BN",
         num_classes=10,
     ),
     "wrn28_10": dict(

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from flax import nnx
 
 from dualflow.models._common import (
+    _dtype,
     check_norm,
     conv,
     dense,
@@ -51,7 +52,9 @@ class PreActBlock(nnx.Module):
     normalisation-free variant and absent with BatchNorm.
 
     Shortcuts: identity when shapes agree; otherwise ``"A"`` (subsample and
-    zero-pad channels: parameter-free, applied to ``h``) or ``"B"`` (1x1
+    zero-pad channels: parameter-free, applied to ``h`` itself -- the
+    refinement-module reading; He et al.'s pre-activation code feeds a
+    downsampling shortcut the activated input instead) or ``"B"`` (1x1
     strided conv of the activated input, as in the pre-activation paper).
     ``dropout`` > 0 puts dropout between the two convolutions (WRN).
     Under ``bp`` the shortcut and the branch are added as independent
@@ -82,7 +85,11 @@ class PreActBlock(nnx.Module):
             mid.append(Dropout(dropout))
         self.mid = Sequential(*mid)
         self.conv2 = conv(cout, cout, 3, **kw)
-        self.gain = None if norm is not None else Gain(residual_init)
+        self.gain = (
+            None
+            if norm is not None
+            else Gain(residual_init, param_dtype=_dtype(layer_kwargs))
+        )
         self.stride, self.cout, self.shortcut = int(stride), int(cout), shortcut
         needs = stride != 1 or cin != cout
         self.proj = (

@@ -145,6 +145,6 @@ def bernoulli_dropout(x: Gaussian | Array, rate: float) -> Gaussian:
     x = as_gaussian(x, "dropout input")
     if rate == 0.0:
         return x
-    second = x.mean * x.mean + x.var
-    var = second / (1.0 - rate) - x.mean * x.mean
-    return Gaussian(x.mean, jnp.maximum(var, 0.0))
+    # (m^2 + P) / (1 - p) - m^2, written without the cancellation
+    var = (rate * x.mean * x.mean + x.var) / (1.0 - rate)
+    return Gaussian(x.mean, var)

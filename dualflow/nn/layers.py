@@ -560,7 +560,9 @@ class Dropout(nnx.Module):
     * ``bp``: the Bernoulli mask is a node of the model and is marginalised
       in closed form (:func:`dualflow.moments.bernoulli_dropout`) at train and
       test time alike, so the forward stays deterministic.
-    * ``mc_dropout``: masks are sampled at train *and* test time.
+    * ``mc_dropout``: nothing -- that method already drops the inputs of every
+      weight layer (``Method.dropout_rate``, train and test time); a second
+      mask here would compound the rates.
     * every other method: inverted dropout at train time only (needs a key);
       identity at evaluation.
     """
@@ -576,7 +578,7 @@ class Dropout(nnx.Module):
         if ctx.name == "bp":
             return moments.bernoulli_dropout(x, self.rate)
         x = _point(x, "Dropout")
-        if not (ctx.train or ctx.name == "mc_dropout"):
+        if not ctx.train or ctx.name == "mc_dropout":
             return x
         keep = jax.random.bernoulli(ctx.next_key(), 1.0 - self.rate, x.shape)
         return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
