@@ -1,17 +1,19 @@
-"""Small file helpers: results are written atomically, never left partial."""
+"""Small file helpers: results are written atomically, never left partial, and
+record the commit that produced them."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 from typing import Any
 
-__all__ = ["write_json_atomic"]
+__all__ = ["git_commit", "write_json_atomic", "write_text_atomic"]
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace``.
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace``.
 
     A crash mid-write leaves the previous file (or none), never a partial one.
     """
@@ -24,10 +26,39 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> 
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json_atomic(
+    path: str | os.PathLike, obj: Any, *, indent: int = 2, ensure_ascii: bool = True
+) -> None:
+    """Write ``obj`` as JSON (plus a final newline) with :func:`write_text_atomic`."""
+    write_text_atomic(
+        path, json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii) + "\n"
+    )
+
+
+def git_commit(repo_dir: str | os.PathLike) -> str:
+    """Short hash of ``repo_dir``'s HEAD, ``+dirty`` with uncommitted changes to
+    tracked files, ``"unknown"`` outside a git checkout (recorded next to
+    results: the code that produced them)."""
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            cwd=repo_dir,
+            check=True,
+        ).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -33,20 +32,11 @@ from dualflow.benchmarks.models import (  # noqa: E402
     mc_variance_ratios,
     measure_model,
 )
-from dualflow.io import write_json_atomic  # noqa: E402
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=_REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from dualflow.io import (  # noqa: E402
+    git_commit,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def _mc(args) -> int:
@@ -138,7 +128,7 @@ def main(argv=None) -> int:
     )
     meta = {
         "command": cmd.strip(),
-        "commit": _commit(),
+        "commit": git_commit(_REPO),
         "jax": jax.__version__,
         "platform": dev.platform,
         "cpu_count": os.cpu_count(),
@@ -146,14 +136,13 @@ def main(argv=None) -> int:
     }
     write_json_atomic(args.out, {"meta": meta, "records": records})
     md = os.path.splitext(args.out)[0] + ".md"
-    tmp = md + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(
-            f"`{meta['command']}` (commit {meta['commit']}, {meta['platform']},"
-            f" {meta['cpu_count']} cores, {meta['wall_s'] / 60:.1f} min)\n\n"
-        )
-        f.write(table + "\n")
-    os.replace(tmp, md)
+    write_text_atomic(
+        md,
+        f"`{meta['command']}` (commit {meta['commit']}, {meta['platform']},"
+        f" {meta['cpu_count']} cores, {meta['wall_s'] / 60:.1f} min)\n\n"
+        + table
+        + "\n",
+    )
     print(table)
     print(f"wrote {args.out} and {md}")
     return 0

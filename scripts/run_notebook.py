@@ -14,10 +14,8 @@ import base64
 import contextlib
 import io
 import json
-import os
 import pathlib
 import sys
-import tempfile
 import traceback
 
 
@@ -80,11 +78,9 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     nb = json.loads(args.notebook.read_text())
     done = execute(nb)
-    fd, tmp = tempfile.mkstemp(dir=args.notebook.parent, suffix=".ipynb.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(done, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, args.notebook)
+    from dualflow.io import write_json_atomic  # after the sys.path insert
+
+    write_json_atomic(args.notebook, done, indent=1, ensure_ascii=False)
     print(f"executed {args.notebook}")
     return 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,25 +84,6 @@ def _load_records(path: Path) -> list[dict]:
     return records
 
 
-def _git_commit() -> str:
-    """Short hash of HEAD, ``+dirty`` with uncommitted changes to tracked files."""
-
-    def git(*args):
-        return subprocess.run(
-            ["git", *args],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],
-            check=True,
-        ).stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _check_quick(records: list[dict], loaded: dict) -> list[str]:
     """Sanity checks of the quick run: finite metrics; boston and yacht RMSE
     well below predicting the training mean (RMSE of that baseline on the split).
@@ -146,7 +126,7 @@ def main(argv):
     from dualflow.benchmarks.uci_report import markdown_table, plot_summary, summarize
     from dualflow.data.paths import DataNotFoundError
     from dualflow.data.uci import UCI_DATASETS, load_uci
-    from dualflow.io import write_json_atomic
+    from dualflow.io import git_commit, write_json_atomic, write_text_atomic
 
     datasets = _parse_list(cfg.datasets, UCI_DATASETS, "datasets")
     methods = _parse_list(cfg.methods, UCI_METHODS, "methods")
@@ -183,7 +163,7 @@ def main(argv):
         f" -> {results_path}",
         flush=True,
     )
-    commit = _git_commit()  # the code that produces the records
+    commit = git_commit(Path(__file__).resolve().parents[1])  # the code that ran
     t0 = time.time()
     bar = tqdm(groups, unit="group", disable=not cfg.progress, file=sys.stdout)
     failures = []
@@ -232,8 +212,7 @@ def main(argv):
         f" training set; nothing is tuned on test rows).\n\n"
     )
     table = header + markdown_table(summary, methods)
-    (workdir / "table.md.tmp").write_text(table)
-    os.replace(workdir / "table.md.tmp", workdir / "table.md")
+    write_text_atomic(workdir / "table.md", table)
     write_json_atomic(
         workdir / "table.json",
         {

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from dualflow import models, nn
+from dualflow.train.fit import make_pure_step
 
 __all__ = [
     "BENCH_MODELS",
@@ -89,8 +90,10 @@ def measure_model(
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     x = jax.random.normal(jax.random.key(1), (batch, *shape))
     y = jax.random.randint(jax.random.key(2), (batch,), 0, num_classes)
+    key = jax.random.key(3)  # dropout layers sample at train time
     tx = optax.sgd(1e-3)
     opt_state = tx.init(params)
+    lik = nn.Likelihood()
     out: dict[str, Any] = {
         "model": name,
         "model_kwargs": kw,
@@ -111,28 +114,21 @@ def measure_model(
         fc = jax.jit(fwd).lower(params, x).compile()
         out[f"fwd_flops_per_image_{method}"] = _flops(fc) / batch
 
-        def step(p, o, x, y, m=m):
-            def loss(p):
-                mdl = nnx.merge(graphdef, p, rest)
-                key = jax.random.key(3)  # dropout layers sample at train time
-                return nn.objective(
-                    mdl, x, y, key, method=m, n_data=50_000, train=True
-                )[0]
-
-            val, g = jax.value_and_grad(loss)(p)
-            upd, o = tx.update(g, o, p)
-            return optax.apply_updates(p, upd), o, val
-
+        step = make_pure_step(
+            graphdef, tx, method=m, likelihood=lik, n_data=50_000, kl_weight=1.0
+        )
         t = time.perf_counter()
-        compiled = jax.jit(step).lower(params, opt_state, x, y).compile()
+        compiled = jax.jit(step).lower(params, rest, opt_state, x, y, key).compile()
         out[f"compile_s_{method}"] = time.perf_counter() - t
         out[f"step_temp_mb_{method}"] = _temp_bytes(compiled) / 2**20
         t = time.perf_counter()
-        res = jax.block_until_ready(compiled(params, opt_state, x, y))
+        loss = jax.block_until_ready(
+            compiled(params, rest, opt_state, x, y, key)[3]["loss"]
+        )
         out[f"first_step_s_{method}"] = time.perf_counter() - t
-        if not bool(jnp.isfinite(res[2])):
-            raise FloatingPointError(f"{name} {method}: non-finite loss {res[2]}.")
-        out[f"loss_{method}"] = float(res[2])
+        if not bool(jnp.isfinite(loss)):
+            raise FloatingPointError(f"{name} {method}: non-finite loss {loss}.")
+        out[f"loss_{method}"] = float(loss)
         steps[method] = compiled
         log(
             f"  {name} {method}: compile {out[f'compile_s_{method}']:.1f} s,"
@@ -142,7 +138,7 @@ def measure_model(
     for _ in range(repeats):
         for k, c in steps.items():
             t = time.perf_counter()
-            jax.block_until_ready(c(params, opt_state, x, y))
+            jax.block_until_ready(c(params, rest, opt_state, x, y, key))
             times[k].append(time.perf_counter() - t)
     for k, v in times.items():
         out[f"step_s_{k}"] = statistics.median(v)

@@ -120,6 +120,7 @@ def resize(
     correlation is not represented.  ``method``: ``"bilinear"`` or
     ``"nearest"`` (see ``jax.image.resize``).
     """
+    point = not isinstance(x, Gaussian)  # e.g. raw images: no variance to map
     x = as_gaussian(x, "resize input")
     if x.ndim != 4:
         raise ValueError(f"resize: expected [N, H, W, C], got shape {x.shape}.")
@@ -128,6 +129,8 @@ def resize(
     rw = _resize_matrix(w_out, x.shape[2], method, x.dtype)
     hi = jax.lax.Precision.HIGHEST
     mean = jnp.einsum("ph,nhwc,qw->npqc", rh, x.mean, rw, precision=hi)
+    if point:
+        return Gaussian(mean, jnp.zeros_like(mean))
     var = jnp.einsum("ph,nhwc,qw->npqc", rh * rh, x.var, rw * rw, precision=hi)
     return Gaussian(mean, var)
 

@@ -31,6 +31,7 @@ from jax.scipy.special import ndtr
 
 from dualflow import moments, objectives
 from dualflow.gaussian import Gaussian
+from dualflow.nn import ops
 from dualflow.nn.context import Context
 
 Array = jax.Array
@@ -532,7 +533,7 @@ class Residual(nnx.Module):
     def __call__(self, x, ctx: Context):
         y = self.block(x, ctx)
         s = x if self.shortcut is None else self.shortcut(x, ctx)
-        return moments.add(y, s) if ctx.name == "bp" else y + s
+        return ops.add(ctx, y, s)
 
 
 class BatchNorm(nnx.Module):
@@ -616,8 +617,6 @@ class Gain(nnx.Module):
         self.gain = nnx.Param(jnp.asarray(init, param_dtype))
 
     def __call__(self, x, ctx: Context):
-        a = self.gain[...]
-        if ctx.name == "bp":
-            return moments.scale(x, a)
-        x = _point(x, "Gain")
-        return a.astype(x.dtype) * x
+        if ctx.name != "bp":
+            x = _point(x, "Gain")
+        return ops.scale(ctx, x, self.gain[...])
