@@ -117,11 +117,14 @@ def expected_log_softmax(logits: Gaussian, axis: int = -1) -> Array:
 def categorical_nll(
     logits: Gaussian, labels: Array, *, method: str = "probit", axis: int = -1
 ) -> Array:
-    """Negative log-likelihood of integer ``labels`` under a Gaussian over logits.
+    """Negative log-likelihood of ``labels`` under a Gaussian over logits.
 
     Args:
       logits: `Gaussian` ``[..., K]``.
-      labels: int array ``[...]``.
+      labels: int array ``[...]``, or soft labels ``[..., K]`` (float rows
+        summing to 1, e.g. from mixup/CutMix): the NLL is then the
+        cross-entropy ``-sum_k t_k log p_k``, i.e. the label-weighted average of
+        the per-class NLLs (every head is linear in the one-hot target).
       method: ``"probit"`` (``-log`` of :func:`probit_softmax`, the predictive
         probability), ``"second_order"`` (``-`` :func:`expected_log_softmax`,
         the expected log-likelihood of Eq. 2), or ``"mean"`` (ignore the variance).
@@ -130,10 +133,12 @@ def categorical_nll(
     if axis not in (-1, logits.ndim - 1):
         raise ValueError("categorical_nll: classes must be on the last axis.")
     labels = jnp.asarray(labels)
-    if labels.shape != logits.shape[:-1]:
+    soft = labels.shape == logits.shape and jnp.issubdtype(labels.dtype, jnp.floating)
+    if not soft and labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"categorical_nll: labels {labels.shape} must match logits"
-            f" {logits.shape} without the class axis."
+            f" {logits.shape} without the class axis (integer labels) or with it"
+            " (float soft labels)."
         )
     if method == "probit":
         kappa = jax.lax.rsqrt(1.0 + (math.pi / 8.0) * logits.var)
@@ -147,6 +152,15 @@ def categorical_nll(
             f"categorical_nll: method={method!r}; use 'probit', 'second_order' or"
             " 'mean'."
         )
+    return label_nll(logp, labels)
+
+
+def label_nll(logp: Array, labels: Array) -> Array:
+    """``-log p[label]`` for integer labels ``[...]`` or ``-sum_k t_k log p_k``
+    for soft labels ``[..., K]``; ``logp`` is ``[..., K]``."""
+    labels = jnp.asarray(labels)
+    if labels.shape == logp.shape and jnp.issubdtype(labels.dtype, jnp.floating):
+        return -jnp.sum(labels * logp, axis=-1)
     return -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), -1)[..., 0]
 
 

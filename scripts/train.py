@@ -2,7 +2,11 @@
 
 Without ``--config`` it runs ``configs/default.py`` (a Bayesian MLP trained with
 belief propagation on scikit-learn digits; no download).  Any config field can be
-overridden, e.g. ``--config.lr=1e-3 --config.backward=autodiff``.
+overridden, e.g. ``--config.optimizer.lr=0.05 --config.method.name=reparam``.
+
+Outputs go to ``--workdir`` (default: a new ``runs/<config>-<time>`` folder);
+running again with the same ``--workdir`` resumes from its last checkpoint.
+``--describe`` prints the model's parameter counts and exits (no data needed).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +27,12 @@ config_flags.DEFINE_config_file(
     "Path to a config file (configs/<name>.py).",
     lock_config=True,
 )
-flags.DEFINE_string("workdir", "", "Directory for outputs (metrics JSON).")
+flags.DEFINE_string(
+    "workdir",
+    "",
+    "Output directory (config, metrics.jsonl, summary.json, curves.png,"
+    " checkpoints/); an existing one is resumed.  Default: runs/<config>-<time>.",
+)
 flags.DEFINE_bool(
     "describe",
     False,
@@ -38,18 +47,11 @@ def describe(cfg) -> str:
 
     from dualflow import models
     from dualflow.data import dataset_info
+    from dualflow.train.config import _model_norm
 
-    if "model" in cfg:
-        name = cfg.model.name
-        kwargs = dict(cfg.model.get("kwargs", {}))
-        norm = cfg.model.get("norm", "published")
-    else:  # the digits demo: an MLP on the 8x8 digits
-        name, norm = "mlp", None
-        kwargs = {"widths": tuple(cfg.hidden), "activation": cfg.activation}
-    if norm == "published":
-        norm = models.default_norm(name)
-    elif norm in ("none", "None", "", None):
-        norm = None
+    name = cfg.model.name
+    kwargs = dict(cfg.model.get("kwargs", {}))
+    norm = _model_norm(cfg)
     info = dataset_info(cfg.dataset)
     model = nnx.eval_shape(
         lambda: models.build_model(
@@ -71,6 +73,8 @@ def describe(cfg) -> str:
 def main(argv):
     del argv
     cfg = flags.FLAGS.config
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
+        logging.set_verbosity(logging.WARNING)
     if flags.FLAGS.describe:
         print(describe(cfg))
         return
@@ -79,9 +83,24 @@ def main(argv):
             "this config only describes an architecture: add --describe (training"
             " configs are configs/<name>.py with data and optimiser settings)."
         )
-    from dualflow.train import digits_demo
+    from dualflow.data import DataNotFoundError
+    from dualflow.train.config import ConfigError
+    from dualflow.train.trainer import train_and_evaluate
 
-    digits_demo.train_and_evaluate(cfg, flags.FLAGS.workdir)
+    workdir = flags.FLAGS.workdir or _default_workdir()
+    try:
+        train_and_evaluate(cfg, workdir)
+    except (ConfigError, DataNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _default_workdir() -> str:
+    import time
+
+    path = flags.FLAGS["config"].config_filename or "default"
+    stem = os.path.basename(path).removesuffix(".py").replace(":", "-")
+    return os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 if __name__ == "__main__":

@@ -101,8 +101,7 @@ def _nll(model, out, y, method: Method, lik: Likelihood) -> Array:
     if lik.kind == "categorical":
         if bp:
             return objectives.categorical_nll(out, y, method=lik.head)
-        logp = jax.nn.log_softmax(out, axis=-1)
-        return -jnp.take_along_axis(logp, y[..., None].astype(jnp.int32), -1)[..., 0]
+        return objectives.label_nll(jax.nn.log_softmax(out, axis=-1), y)
     pred = out if bp else Gaussian(out, jnp.zeros_like(out))
     if lik.kind == "heteroscedastic":
         mean, log_noise = _split_heteroscedastic(pred)
@@ -167,7 +166,8 @@ def objective(
     Args:
       model: an ``nnx.Module`` called as ``model(x, ctx)``; for ``ensemble`` a
         stacked model from :func:`make_ensemble`.
-      x, y: inputs and targets (labels ``[N]`` or regression targets).
+      x, y: inputs and targets (labels ``[N]``, soft labels ``[N, K]`` from
+        mixup/CutMix, or regression targets).
       key: PRNG key (needed by sampling methods and ``mc_dropout``).
       n_data: training-set size (scales the KL per example).
       kl_weight: ``beta`` of the tempered ELBO.

