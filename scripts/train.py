@@ -48,9 +48,10 @@ def describe(cfg) -> str:
     from dualflow import models
     from dualflow.data import dataset_info
     from dualflow.train.config import _model_norm
+    from dualflow.train.trainer import model_kwargs
 
     name = cfg.model.name
-    kwargs = dict(cfg.model.get("kwargs", {}))
+    kwargs = model_kwargs(cfg)
     norm = _model_norm(cfg)
     info = dataset_info(cfg.dataset)
     model = nnx.eval_shape(

@@ -1,6 +1,29 @@
-"""Training code: a small loop for any learning method, and the digits demo."""
+"""Training: the config-driven loop of ``scripts/train.py`` and a small ``fit``."""
 
-from dualflow.train.fit import fit, make_train_step
+from dualflow.train.config import (
+    METHOD_ROWS,
+    ConfigError,
+    apply_method_row,
+    base_config,
+    load_config_file,
+    validate_config,
+)
+from dualflow.train.fit import fit, make_loss_fn, make_pure_step, make_train_step
 from dualflow.train.scan import make_scan_fit
+from dualflow.train.trainer import TrainState, train_and_evaluate
 
-__all__ = ["fit", "make_scan_fit", "make_train_step"]
+__all__ = [
+    "METHOD_ROWS",
+    "ConfigError",
+    "TrainState",
+    "apply_method_row",
+    "base_config",
+    "fit",
+    "load_config_file",
+    "make_loss_fn",
+    "make_pure_step",
+    "make_scan_fit",
+    "make_train_step",
+    "train_and_evaluate",
+    "validate_config",
+]

@@ -7,14 +7,16 @@ read or any model is built.
 
 Schema (``ml_collections.ConfigDict``)::
 
-    seed, dataset, data_dir, workdir_note
-    data:      fallback, normalize ("standardize" | "unit"), max_train, max_test
+    seed, dataset, data_dir, row (the Table-1 row, when one was applied)
+    data:      fallback, download, normalize ("standardize" | "unit"),
+               max_train, max_test
     model:     name, norm ("published" | "none" | "batch" | "layer"), kwargs
     method:    name, mode, backward, num_samples, dropout_rate, ensemble_size, member
     likelihood.head                       ("probit" | "second_order" | "mean")
     loss:      kl_weight (beta), kl_anneal_steps
     optimizer: name ("sgd" | "adam" | "adamw"), lr, momentum, nesterov, b1, b2,
-               weight_decay, natural_gradient, ng_damping, grad_clip
+               weight_decay, natural_gradient, ng_damping, ng_variance_update,
+               grad_clip
     schedule:  name ("cosine" | "constant"), warmup_steps, end_factor
     augment:   crop_pad, flip, randaugment_ops, randaugment_magnitude,
                mixup_alpha, cutmix_alpha, switch_prob
@@ -57,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.fallback = ""  # dataset to use when `dataset` is not found ("" = fail)
+    c.data.download = False  # let tfds download + prepare (needs TensorFlow, net)
     c.data.normalize = "standardize"  # per-channel train mean/std, or "unit" [0,1]
     c.data.max_train = 0  # > 0: use the first n training examples (smoke tests)
     c.data.max_test = 0
@@ -92,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0  # on weight means and deterministic params
     c.optimizer.natural_gradient = False  # dualflow.optim.natural_gradient first
     c.optimizer.ng_damping = 0.0
+    c.optimizer.ng_variance_update = "app_d"  # or "fixed_point" (see natural_gradient)
     c.optimizer.grad_clip = 0.0  # global-norm clipping of the update (0 = off)
 
     c.schedule = ml_collections.ConfigDict()
@@ -228,8 +232,9 @@ def _choice(cfg, path: str, allowed) -> None:
 
 def _positive(cfg, path: str, *, zero_ok: bool = False) -> None:
     value = _field(cfg, path)
-    ok = value >= 0 if zero_ok else value > 0
-    if not (isinstance(value, int | float) and math.isfinite(value) and ok):
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = number and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+    if not ok:
         bound = ">= 0" if zero_ok else "> 0"
         raise ConfigError(f"config.{path} must be {bound}, got {value!r}.")
 
@@ -266,7 +271,10 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
             key == "prior_var" and kwargs[key] == "empirical_bayes"
         ):
             _positive(cfg, f"model.kwargs.{key}")
-    if cfg.method.name == "bp" and _model_norm(cfg) is not None:
+    layer_method = (
+        cfg.method.member if cfg.method.name == "ensemble" else cfg.method.name
+    )
+    if layer_method == "bp" and _model_norm(cfg) is not None:
         raise ConfigError(
             f"config.model.norm={cfg.model.norm!r} gives model {cfg.model.name!r}"
             " normalisation layers, which method 'bp' cannot propagate moments"
@@ -287,6 +295,17 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
         _positive(cfg, f"augment.{key}", zero_ok=True)
     for key in ("mixup_alpha", "cutmix_alpha"):
         _positive(cfg, f"augment.{key}", zero_ok=True)
+    if not 0 <= cfg.augment.randaugment_magnitude <= 10:
+        raise ConfigError(
+            "config.augment.randaugment_magnitude must be in [0, 10] (RandAugment's"
+            f" scale), got {cfg.augment.randaugment_magnitude}."
+        )
+    if not 0 <= cfg.augment.switch_prob <= 1:
+        raise ConfigError(
+            f"config.augment.switch_prob must be in [0, 1], got"
+            f" {cfg.augment.switch_prob}."
+        )
+    _choice(cfg, "optimizer.ng_variance_update", ("app_d", "fixed_point"))
     for key in ("batch_size", "eval_batch_size", "log_every", "keep_checkpoints"):
         _positive(cfg, f"train.{key}")
     for key in ("num_epochs", "num_steps", "eval_every", "checkpoint_every"):

@@ -4,7 +4,8 @@
 parameters and the rest (e.g. BatchNorm statistics), and one jitted pure
 function does a step -- objective, gradient (the BP custom_vjp where the method
 is ``bp``), optax update.  Larger jobs (data pipelines, checkpoints, sharding)
-use the same step through ``scripts/train.py``.
+go through ``scripts/train.py`` (:mod:`dualflow.train.trainer`), whose step
+uses the same loss (:func:`make_loss_fn`).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from dualflow.data import (
     resolve_data_dir,
 )
 from dualflow.data.augment import AugmentConfig
-from dualflow.io import write_json_atomic, write_text_atomic
+from dualflow.io import git_commit, write_json_atomic, write_text_atomic
 from dualflow.models import build_model
 from dualflow.nn.context import Method
 from dualflow.nn.methods import Likelihood, make_ensemble, predict
@@ -67,6 +67,8 @@ __all__ = [
     "train_and_evaluate",
 ]
 
+_REPO = Path(__file__).resolve().parents[2]  # for the commit hash in outputs
+
 # fields that may change between a run and its resumption
 _RESUMABLE_CHANGES = (
     "data_dir",
@@ -79,16 +81,23 @@ _RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "train.eval_batch_size",
     "train.eval_samples",
+    "data.download",
 )
 
 
 class TrainState(NamedTuple):
-    """Everything a step changes (a pytree; checkpointed as is)."""
+    """Everything a step changes (a pytree; checkpointed as is).
+
+    ``metric_sums`` accumulates the per-step training metrics since the last
+    log record on the device (no host round trip per step); it is part of the
+    checkpoint, so a resumed run logs exactly the uninterrupted run's records.
+    """
 
     step: jax.Array  # int32 scalar: number of updates applied
     params: Any  # nnx.Param state of the model
     rest: Any  # other model state (BatchNorm statistics)
     opt_state: Any
+    metric_sums: dict  # name -> float32 scalar, summed since the last log
 
 
 # --------------------------------------------------------------------------
@@ -108,8 +117,9 @@ def method_from_config(cfg) -> Method:
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-    """1-D data-parallel mesh over the first ``num_devices`` devices (0: all)."""
-    devices = jax.devices()
+    """1-D data-parallel mesh over the first ``num_devices`` devices (0: all),
+    ordered by host so that each host's devices hold consecutive batch rows."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     if num_devices:
         if num_devices > len(devices):
             raise ConfigError(
@@ -144,22 +154,28 @@ def _decay_mask(params):
 
 
 def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """``[natural_gradient] -> [clip] -> [weight decay] -> sgd | adam | adamw``.
+    """``[weight decay] -> [natural_gradient] -> [clip] -> sgd | adam | adamw``.
 
-    The natural gradient (App. D of the duality paper) comes first: it must see
-    raw gradients of both leaves of each mean/variance pair.  Clipping then
-    bounds the (preconditioned) update's global norm.  Weight decay never
-    touches variances.
+    Weight decay (never on variances) is added to the gradient as an L2 term,
+    so the natural gradient (App. D of the duality paper) preconditions it like
+    the rest of the loss; the natural gradient sees both leaves of each
+    mean/variance pair; clipping bounds the preconditioned update's global
+    norm.  ``adamw`` applies its decoupled decay itself.
     """
     o = cfg.optimizer
     parts = []
+    wd = float(o.weight_decay)
+    if wd and o.name != "adamw":  # an L2 term of the loss: preconditioned by NG
+        parts.append(optax.add_decayed_weights(wd, mask=_decay_mask))
     if o.natural_gradient:
-        parts.append(natural_gradient(damping=float(o.ng_damping)))
+        parts.append(
+            natural_gradient(
+                damping=float(o.ng_damping),
+                variance_update=o.ng_variance_update,
+            )
+        )
     if o.grad_clip:
         parts.append(optax.clip_by_global_norm(float(o.grad_clip)))
-    wd = float(o.weight_decay)
-    if wd and o.name != "adamw":
-        parts.append(optax.add_decayed_weights(wd, mask=_decay_mask))
     if o.name == "sgd":
         parts.append(
             optax.sgd(schedule, momentum=float(o.momentum) or None, nesterov=o.nesterov)
@@ -180,7 +196,8 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
 
 
 def kl_weight_at(cfg, step):
-    """``beta``, linearly annealed from 0 over ``loss.kl_anneal_steps``."""
+    """``beta`` at update ``step`` (0-based): ``beta * min(1, (step + 1) / n)``
+    with ``n = loss.kl_anneal_steps`` (the n-th update uses the full ``beta``)."""
     beta = float(cfg.loss.kl_weight)
     n = int(cfg.loss.kl_anneal_steps)
     if not n:
@@ -198,7 +215,7 @@ def load_data(cfg) -> ImageDataset:
         )
     data_dir = resolve_data_dir(cfg.data_dir or None)
     try:
-        data = load_image_dataset(cfg.dataset, data_dir)
+        data = load_image_dataset(cfg.dataset, data_dir, download=cfg.data.download)
     except DataNotFoundError as err:
         if not cfg.data.fallback:
             raise
@@ -207,7 +224,9 @@ def load_data(cfg) -> ImageDataset:
             f" on {cfg.data.fallback} instead (config.data.fallback).",
             file=sys.stderr,
         )
-        data = load_image_dataset(cfg.data.fallback, data_dir)
+        data = load_image_dataset(
+            cfg.data.fallback, data_dir, download=cfg.data.download
+        )
     if cfg.data.max_train:
         data = dataclasses.replace(
             data,
@@ -223,14 +242,17 @@ def load_data(cfg) -> ImageDataset:
     return data
 
 
+def model_kwargs(cfg) -> dict:
+    """``config.model.kwargs`` as keyword arguments (lists -> tuples)."""
+    kw = cfg.model.get("kwargs", {})
+    kw = kw.to_dict() if hasattr(kw, "to_dict") else dict(kw)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+
+
 def make_model(cfg, dataset: str, method: Method) -> nnx.Module:
+    """The config's model for ``dataset`` (stacked members for ``ensemble``)."""
     info = dataset_info(dataset)
-    kwargs = dict(
-        cfg.model.kwargs.to_dict()
-        if hasattr(cfg.model.kwargs, "to_dict")
-        else cfg.model.kwargs
-    )
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    kwargs = model_kwargs(cfg)
     norm = _model_norm(cfg)
 
     def factory(rngs):
@@ -285,23 +307,11 @@ def train_and_evaluate(
     import orbax.checkpoint as ocp
 
     t_start = time.time()
-    if cfg.mesh.distributed and jax.process_count() == 1:
-        jax.distributed.initialize()
+    if cfg.mesh.distributed and not jax.distributed.is_initialized():
+        jax.distributed.initialize()  # before anything else touches JAX
     mesh = make_mesh(int(cfg.mesh.num_devices))
     validate_config(cfg, num_devices=mesh.size)
     workdir = Path(workdir).expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg_dict = _jsonable(cfg)
-    cfg_path = workdir / "config.json"
-    ckpt_dir = workdir / "checkpoints"
-    if cfg_path.exists() and ckpt_dir.exists():
-        diff = _config_diff(json.loads(cfg_path.read_text()), cfg_dict)
-        if diff:
-            raise ConfigError(
-                f"workdir {workdir} holds a run with a different config ("
-                + "; ".join(diff[:5])
-                + "); use a new --workdir or restore those fields."
-            )
     is_main = jax.process_index() == 0
 
     method = method_from_config(cfg)
@@ -316,6 +326,12 @@ def train_and_evaluate(
         switch_prob=float(cfg.augment.switch_prob),
     )
     data = load_data(cfg)
+    n_train = len(data.x_train)
+    if cfg.train.batch_size > n_train:
+        raise ConfigError(
+            f"config.train.batch_size={cfg.train.batch_size} is larger than the"
+            f" training set ({n_train} examples of {data.name})."
+        )
     info = dataset_info(data.name)
     normalizer = Normalizer(data.x_train, cfg.data.normalize)
     batches = TrainBatches(
@@ -329,29 +345,45 @@ def train_and_evaluate(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    n_train = len(data.x_train)
     spe = batches.steps_per_epoch
     total_steps = int(cfg.train.num_steps) or int(cfg.train.num_epochs) * spe
     eval_every = int(cfg.train.eval_every) or spe
     ckpt_every = int(cfg.train.checkpoint_every) or spe
+    log_every = int(cfg.train.log_every)
 
     model = make_model(cfg, data.name, method)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     schedule = make_schedule(cfg, total_steps)
     tx = make_optimizer(cfg, schedule)
     replicated = NamedSharding(mesh, P())
-    state = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
+    metric_names = ("loss", "nll", "kl", "kl_weight", "lr", "grad_norm")
+    state = TrainState(
+        jnp.zeros((), jnp.int32),
+        params,
+        rest,
+        tx.init(params),
+        {k: jnp.zeros((), jnp.float32) for k in metric_names},  # distinct buffers
+    )
     state = jax.device_put(state, replicated)
 
+    # ---- the run's identity: config + data actually used (fallback!)
+    run_info = {
+        "config": _jsonable(cfg),
+        "data": {"name": data.name, "source": data.source, "n_train": n_train},
+    }
+    cfg_path = workdir / "config.json"
+    ckpt_dir = workdir / "checkpoints"
+    workdir.mkdir(parents=True, exist_ok=True)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(cfg.train.keep_checkpoints),
         create=True,
         enable_async_checkpointing=False,
     )
     manager = ocp.CheckpointManager(ckpt_dir, options=options)
-    start = 0
     latest = manager.latest_step()
+    start = 0
     if latest is not None:
+        _check_same_run(cfg_path, run_info, workdir)
         abstract = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
             state,
@@ -363,8 +395,8 @@ def train_and_evaluate(
         start = int(state.step)
         if is_main:
             print(f"dualflow: resumed from {ckpt_dir / str(latest)} (step {start})")
-    elif is_main:
-        write_json_atomic(cfg_path, cfg_dict, indent=2)
+    if is_main:
+        write_json_atomic(cfg_path, {**run_info, "commit": git_commit(_REPO)}, indent=2)
     log_path = workdir / "metrics.jsonl"
     records = _read_records(log_path, upto=start)
     if is_main:
@@ -373,7 +405,9 @@ def train_and_evaluate(
     loss_fn = make_loss_fn(
         graphdef, method=method, likelihood=likelihood, n_data=n_train
     )
-    base_key = jax.random.key(int(cfg.seed))
+    # training keys: a stream of their own (not nnx.Rngs(seed)'s init keys)
+    base_key = jax.random.fold_in(jax.random.key(int(cfg.seed)), 0x7A1)
+    members = method.ensemble_size if method.name == "ensemble" else 1
 
     def train_step(state: TrainState, x, y):
         key = jax.random.fold_in(base_key, state.step)
@@ -384,17 +418,18 @@ def train_and_evaluate(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {
-            "loss": loss,
+            # ensembles: the objective sums members (each gets its own full
+            # gradient); log the member mean, comparable to other methods
+            "loss": loss / members,
             **parts,
             "kl_weight": beta,
             "lr": schedule(state.step),
             "grad_norm": optax.tree.norm(grads),
         }
-        return TrainState(state.step + 1, params, rest, opt_state), out
+        sums = {k: state.metric_sums[k] + jnp.asarray(out[k], jnp.float32) for k in out}
+        return TrainState(state.step + 1, params, rest, opt_state, sums)
 
-    train_step = jax.jit(
-        train_step, donate_argnums=0, out_shardings=(replicated, replicated)
-    )
+    train_step = jax.jit(train_step, donate_argnums=0, out_shardings=replicated)
     evaluate = _make_evaluator(cfg, mesh, graphdef, method, likelihood, normalizer)
 
     def save(state):
@@ -425,42 +460,54 @@ def train_and_evaluate(
         disable=not (cfg.train.progress and is_main),
         dynamic_ncols=True,
     )
-    sums: dict[str, float] = {}
-    count = 0
-    step_times: list[float] = []
-    t_log = time.time()
+    # speed: training time only (evaluation and saving excluded); each window
+    # ends with a host read of the metric sums, which waits for the device
+    window_time, window_steps = 0.0, 0
+    speeds: list[float] = []  # seconds per step of each finished window
+    t_mark = time.time()
     last_eval: dict = {}
     for step, (xb, yb) in prefetch(batches, range(start, total_steps)):
-        t0 = time.time()
         x, y = to_global(mesh, xb, yb)
-        state, out = train_step(state, x, y)
-        out = jax.device_get(out)
-        step_times.append(time.time() - t0)
-        if not math.isfinite(float(out["loss"])):
-            raise FloatingPointError(
-                f"loss became {float(out['loss'])} at step {step + 1}"
-                f" ({method.name}); lower config.optimizer.lr or the initial"
-                " variance (config.model.kwargs.init_var)."
-            )
-        sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
-        count += 1
+        state = train_step(state, x, y)
         done = step + 1
+        window_steps += 1
         bar.update(1)
-        if done % int(cfg.train.log_every) == 0 or done == total_steps:
-            dt = time.time() - t_log
+        log_now = done % log_every == 0 or done == total_steps
+        eval_now = done % eval_every == 0 or done == total_steps
+        ckpt_now = done % ckpt_every == 0 or done == total_steps
+        if log_now or eval_now or ckpt_now:
+            jax.block_until_ready(state)
+            window_time += time.time() - t_mark
+        if log_now:
+            sums = jax.device_get(state.metric_sums)
+            n_logged = _steps_since_log(records, done)
             rec = {
                 "kind": "train",
                 "step": done,
                 "epoch": done / spe,
-                **{k: v / count for k, v in sums.items()},
-                "steps_per_sec": count / dt,
-                "examples_per_sec": count * int(cfg.train.batch_size) / dt,
+                **{k: float(v) / n_logged for k, v in sums.items()},
+                "steps_per_sec": window_steps / window_time,
+                "examples_per_sec": window_steps
+                * int(cfg.train.batch_size)
+                / window_time,
             }
+            if not math.isfinite(rec["loss"]):
+                raise FloatingPointError(
+                    f"the training loss became {rec['loss']} by step {done}"
+                    f" ({method.name}); lower config.optimizer.lr or the initial"
+                    " variance (config.model.kwargs.init_var)."
+                )
+            speeds.append(window_time / window_steps)
+            window_time, window_steps = 0.0, 0
+            state = state._replace(
+                metric_sums=jax.device_put(
+                    jax.tree.map(jnp.zeros_like, state.metric_sums), replicated
+                )
+            )
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             records.append(rec)
             _append(log_path, rec, is_main)
-            sums, count, t_log = {}, 0, time.time()
-        if done % eval_every == 0 or done == total_steps:
+        if eval_now:
             last_eval = evaluate(state, data.x_test, data.y_test)
             rec = {"kind": "eval", "step": done, "epoch": done / spe, **last_eval}
             records.append(rec)
@@ -471,18 +518,22 @@ def train_and_evaluate(
                     f" {last_eval['accuracy']:.4f}  nll {last_eval['nll']:.4f}"
                     f"  ece {last_eval['ece']:.4f}  brier {last_eval['brier']:.4f}"
                 )
-            t_log = time.time()  # evaluation time is not training speed
-        if done % ckpt_every == 0 or done == total_steps:
+        if ckpt_now:
             save(state)
+        if log_now or eval_now or ckpt_now:
+            t_mark = time.time()
         if on_step is not None:
             on_step(done)
     bar.close()
-    if not last_eval:  # resumed at the end: evaluate the restored state
+    previous = _read_json(workdir / "summary.json")
+    if not last_eval:  # resumed a finished run: evaluate the restored state
         last_eval = evaluate(state, data.x_test, data.y_test)
     save(state)
-    # steady-state speed: the first step of this process includes compilation
-    steady = step_times[1:] or step_times
-    sec_per_step = float(np.median(steady)) if steady else float("nan")
+    # steady state: the first window of this process includes compilation
+    steady = speeds[1:] or speeds
+    sec_per_step = float(np.median(steady)) if steady else None
+    if sec_per_step is None and previous:  # nothing trained now: keep the record
+        sec_per_step = previous.get("seconds_per_step")
     summary = {
         "dataset": data.name,
         "data_source": data.source,
@@ -498,24 +549,66 @@ def train_and_evaluate(
         "hosts": jax.process_count(),
         **{f"test_{k}": v for k, v in last_eval.items()},
         "seconds_per_step": sec_per_step,
-        "seconds_per_epoch": sec_per_step * spe,
-        "examples_per_sec": int(cfg.train.batch_size) / sec_per_step,
+        "seconds_per_epoch": sec_per_step * spe if sec_per_step else None,
+        "examples_per_sec": (
+            int(cfg.train.batch_size) / sec_per_step if sec_per_step else None
+        ),
         "wall_seconds": time.time() - t_start,
+        "commit": git_commit(_REPO),
     }
     if is_main:
         write_json_atomic(workdir / "summary.json", summary, indent=2)
         if cfg.train.plot:
             plot_curves(records, workdir / "curves.png", title=_title(summary))
+        speed = (
+            f"{summary['seconds_per_epoch']:.2f} s/epoch,"
+            f" {summary['examples_per_sec']:.0f} examples/s"
+            if sec_per_step
+            else "speed n/a"
+        )
         print(
             f"summary: {summary['dataset']} {summary['model']} {summary['method']}"
             f" | test acc {summary['test_accuracy']:.4f} nll"
             f" {summary['test_nll']:.4f} ece {summary['test_ece']:.4f} brier"
-            f" {summary['test_brier']:.4f} | {summary['steps']} steps,"
-            f" {summary['seconds_per_epoch']:.2f} s/epoch,"
-            f" {summary['examples_per_sec']:.0f} examples/s | wall"
-            f" {summary['wall_seconds']:.1f} s | {workdir}"
+            f" {summary['test_brier']:.4f} | {summary['steps']} steps, {speed} |"
+            f" wall {summary['wall_seconds']:.1f} s | {workdir}"
         )
     return summary
+
+
+def _train_records(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("kind") == "train"]
+
+
+def _steps_since_log(records: list[dict], done: int) -> int:
+    """Updates summed in the metric accumulators at step ``done``."""
+    train = _train_records(records)
+    return done - (train[-1]["step"] if train else 0)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _check_same_run(cfg_path: Path, run_info: dict, workdir: Path) -> None:
+    """Refuse to resume a checkpointed run with a different config or data."""
+    old = _read_json(cfg_path)
+    if old is None:
+        return
+    diff = _config_diff(old.get("config", {}), run_info["config"])
+    old_data, new_data = old.get("data", {}), run_info["data"]
+    for k in ("name", "n_train"):
+        if old_data.get(k) != new_data[k]:
+            diff.append(f"data {k}: {old_data.get(k)!r} -> {new_data[k]!r}")
+    if diff:
+        raise ConfigError(
+            f"workdir {workdir} holds a checkpointed run with a different config"
+            " or data (" + "; ".join(diff[:5]) + "); use a new --workdir or"
+            " restore those fields."
+        )
 
 
 def _make_evaluator(cfg, mesh, graphdef, method, likelihood, normalizer):
