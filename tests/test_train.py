@@ -471,3 +471,62 @@ def test_eight_devices_match_one_device(method, tmp_path):
     np.testing.assert_allclose(eight["loss"], one["loss"], rtol=2e-5)
     np.testing.assert_allclose(eight["nll"], one["nll"], rtol=1e-4)
     assert "config.train.batch_size=36 is not divisible by the 8" in out["bad_batch"]
+
+
+# --------------------------------------------------------------------------
+# multi-host: two processes (jax.distributed over gloo on CPU) == one process
+# --------------------------------------------------------------------------
+_HOST = r"""
+import json, pathlib, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2,
+                           process_id=int(sys.argv[1]))
+sys.path.insert(0, {tests!r})
+from test_train import tiny_config
+from dualflow.train.trainer import train_and_evaluate
+assert jax.process_count() == 2 and jax.device_count() == 2
+cfg = tiny_config("bp", mesh__num_devices=0, mesh__distributed=True,
+                  train__num_steps=8, train__log_every=1, train__eval_every=8)
+s = train_and_evaluate(cfg, pathlib.Path({tmp!r}))
+print("RESULT" + json.dumps(dict(nll=s["test_nll"], hosts=s["hosts"])))
+"""
+
+
+def test_two_hosts_match_one_host(tmp_path):
+    """Each host prepares its half of every global batch; the loss curve and
+    the test NLL equal a single-process run's (to float tolerance)."""
+    import socket
+
+    with socket.socket() as sock:  # a free local port for the coordinator
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = _HOST.format(port=port, tests=str(REPO / "tests"), tmp=str(tmp_path / "mh"))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = [
+        json.loads(next(ln for ln in o.splitlines() if ln.startswith("RESULT"))[6:])
+        for o, _ in outs
+    ]
+    assert results[0] == results[1] and results[0]["hosts"] == 2
+    ref = train_and_evaluate(
+        tiny_config("bp", train__num_steps=8, train__log_every=1, train__eval_every=8),
+        tmp_path / "ref",
+    )
+    two = [r["loss"] for r in records(tmp_path / "mh")]
+    one = [r["loss"] for r in records(tmp_path / "ref")]
+    assert len(two) == 8
+    np.testing.assert_allclose(two, one, rtol=2e-5)
+    np.testing.assert_allclose(results[0]["nll"], ref["test_nll"], rtol=1e-4)
