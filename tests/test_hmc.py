@@ -28,6 +28,8 @@ from dualflow.hmc import (
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA_DIR = os.environ.get("DUALFLOW_DATA_DIR", str(REPO.parent / "shared" / "data"))
+HAVE_BOSTON = (pathlib.Path(DATA_DIR) / "uci" / "boston" / "data.txt").is_file()
 
 
 def test_nuts_recovers_a_correlated_gaussian():
@@ -116,13 +118,14 @@ def test_classification_potential_in_a_latent_basis():
 
 
 def _visualize(tmp_path, *args):
-    env = {**os.environ}
+    env = {**os.environ, "DUALFLOW_DATA_DIR": DATA_DIR}
     cmd = [sys.executable, str(REPO / "scripts" / "visualize.py"), f"--out={tmp_path}"]
     return subprocess.run(
         cmd + list(args), capture_output=True, text=True, env=env, timeout=600
     )
 
 
+@pytest.mark.skipif(not HAVE_BOSTON, reason=f"Boston not found under {DATA_DIR}/uci")
 def test_boston_quick_pipeline(tmp_path):
     """The Fig. 2 pipeline end to end in --quick mode: figure, R-hat/ESS
     records for both networks, the App. E.2 sanity check."""
@@ -135,13 +138,17 @@ def test_boston_quick_pipeline(tmp_path):
     assert set(recs) == {"boston_bp", "boston_two_networks"}
     for r in recs.values():
         assert r["converged"] and r["max_rhat"] <= 1.1 and r["min_ess"] > 20
+        assert len(r["y_star"]) == 5
     sanity = json.loads((tmp_path / "sanity.json").read_text())
-    assert sanity["layers"] and all(
-        np.isfinite(v)
-        for layer in sanity["layers"]
-        for k, v in layer.items()
-        if k != "name"
-    )
+    for mode in ("linearized", "matched"):
+        layers = sanity[mode]["layers"]
+        assert [la["name"] for la in layers] == ["dense0", "act0", "out"]
+        assert all(
+            np.isfinite(v) for la in layers for k, v in la.items() if k != "name"
+        )
+        # the first layer's filter belief is exact (fixed inputs, independent
+        # weights): its variance ratio to 2000 sampled networks is 1 +- 5 SE
+        assert abs(layers[0]["filter_var_ratio"] - 1) < 5 * math.sqrt(2 / 2000)
 
 
 def test_unconverged_figure_is_not_drawn(tmp_path):

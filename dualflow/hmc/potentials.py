@@ -10,6 +10,12 @@ potentials ``U(z) = -log p(z)`` for :func:`dualflow.hmc.run_hmc`.
   density -- closed form for ``bp`` (Gaussian with observation noise), a
   mixture over members or samples otherwise (:func:`dualflow.nn.predict`) --
   plus ``log N(x; 0, s^2 Σ)`` with ``Σ`` the training-input covariance.
+  Because ``p(y | x)`` is normalised in ``y``, the ``x``-marginal of this joint
+  is exactly the prior ``p0``: what the network believes shows in the
+  conditionals.  ``scripts/visualize.py`` therefore samples
+  ``p(x | y*) ∝ p(y* | x) p0(x)`` for fixed labels ``y*`` (evaluate this
+  potential at ``z = (x, y*)``), the regression analogue of the class
+  conditionals below.
 * Classification, ``z = x`` for a fixed class ``k``: ``log p(y = k | x)`` (the
   BMA class probability) plus a Gaussian prior on ``x``, optionally in a
   linear latent space ``x = x0 + B u`` (e.g. principal components of images).

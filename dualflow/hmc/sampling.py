@@ -10,6 +10,7 @@ results whose worst R-hat exceeds a threshold.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -101,8 +102,8 @@ def run_hmc(
         chain_method="vectorized",
         progress_bar=progress,
     )
-    if isinstance(key, int):
-        key = jax.random.PRNGKey(key)
+    if isinstance(key, numbers.Integral):
+        key = jax.random.PRNGKey(int(key))
     t0 = time.time()
     mcmc.run(key, init_params=init, extra_fields=("accept_prob", "diverging"))
     samples = np.asarray(mcmc.get_samples(group_by_chain=True))  # [C, S, D]

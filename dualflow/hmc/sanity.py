@@ -395,7 +395,7 @@ def compare_with_sampled_networks(
 
     chunk = int(max(1, min(chunk_size, num_networks)))
     num_chunks = -(-num_networks // chunk)
-    keys = jax.random.split(key, num_chunks * chunk).reshape(num_chunks, chunk)
+    keys = jax.random.split(key, (num_chunks, chunk))
     valid = (jnp.arange(num_chunks * chunk) < num_networks).reshape(num_chunks, chunk)
     centre_f = {k: jax.lax.stop_gradient(g.mean) for k, g in res.filtered.items()}
     centre_s = {k: jax.lax.stop_gradient(g.mean) for k, g in res.smoothed.items()}
