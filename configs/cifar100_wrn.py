@@ -13,33 +13,18 @@ CIFAR-100 must be in the data directory (tfds-prepared or the
 this config is for a GPU/TPU.
 """
 
-from dualflow.train.config import apply_method_row, base_config
+from dualflow.train.config import apply_method_row, image_recipe
 
 
 def get_config(row: str = "bp_nf_ng"):
-    c = base_config()
-    c.dataset = "cifar100"
-    c.model.name = "wrn28_10"
-    c.model.kwargs.init_var = 1e-3
-    c.model.kwargs.prior_var = 2.0
-    c.loss.kl_weight = 1.0
-    c.loss.kl_anneal_steps = 5 * 390
-    c.optimizer.name = "sgd"
-    c.optimizer.lr = 0.1
-    c.optimizer.momentum = 0.9
-    c.optimizer.nesterov = True
-    c.optimizer.weight_decay = 5e-4
-    c.optimizer.grad_clip = 5.0
-    c.schedule.name = "cosine"
-    c.schedule.warmup_steps = 5 * 390  # five epochs
-    c.augment.crop_pad = 4
-    c.augment.flip = True
-    c.augment.randaugment_ops = 2
-    c.augment.randaugment_magnitude = 9.0
-    c.augment.mixup_alpha = 0.8
-    c.augment.cutmix_alpha = 1.0
-    c.train.batch_size = 128
-    c.train.num_epochs = 200
-    c.train.eval_batch_size = 500
+    c = image_recipe(
+        "cifar100",
+        "wrn28_10",
+        batch_size=128,
+        num_epochs=200,
+        weight_decay=5e-4,
+        warmup_steps=5 * 390,  # five epochs
+        kl_anneal_steps=5 * 390,
+    )
     c.train.checkpoint_every = 2000
     return apply_method_row(c, row, ng_lr=2000.0)

@@ -83,7 +83,25 @@ def _savefig(fig, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _record(name, res, chains, warmup, samples, ok, extra=None) -> dict:
+def _sample(name, potential, init, key, records, failures, extra_fn=None):
+    """Run HMC from ``init`` [chains, dim], check R-hat, print and append the
+    diagnostics record (plus ``extra_fn(res)``); return ``(result, converged)``."""
+    import jax
+    import jax.numpy as jnp
+
+    from dualflow.hmc import check_converged, run_hmc
+
+    F = flags.FLAGS
+    chains, warmup, samples = _budget()
+    res = run_hmc(
+        jax.jit(potential),
+        jnp.asarray(init, jnp.float32),
+        num_warmup=warmup,
+        num_samples=samples,
+        key=key,
+    )
+    ok = check_converged(res, F.max_rhat, force=True)
+    extra = extra_fn(res) if extra_fn else {}
     print(
         f"{name}: split R-hat {res.max_rhat:.3f}  min ESS {res.min_ess:.0f}  accept"
         f" {res.accept_prob:.2f}  divergences {res.divergences}  ({res.seconds:.1f} s)"
@@ -94,19 +112,24 @@ def _record(name, res, chains, warmup, samples, ok, extra=None) -> dict:
             f" {res.min_ess:.0f}; treat the figure with care or run longer.",
             file=sys.stderr,
         )
-    return {
-        "figure": name,
-        "max_rhat": res.max_rhat,
-        "min_ess": res.min_ess,
-        "converged": ok,
-        "chains": chains,
-        "warmup": warmup,
-        "draws_per_chain": samples,
-        "accept_prob": res.accept_prob,
-        "divergences": res.divergences,
-        "seconds": res.seconds,
-        **(extra or {}),
-    }
+    records.append(
+        {
+            "figure": name,
+            "max_rhat": res.max_rhat,
+            "min_ess": res.min_ess,
+            "converged": ok,
+            "chains": chains,
+            "warmup": warmup,
+            "draws_per_chain": samples,
+            "accept_prob": res.accept_prob,
+            "divergences": res.divergences,
+            "seconds": res.seconds,
+            **extra,
+        }
+    )
+    if not ok:
+        failures.append(name)
+    return res, ok
 
 
 # --------------------------------------------------------------------------
@@ -144,16 +167,14 @@ def boston(out: str, records: list, failures: list) -> None:
     from dualflow import nn as dnn
     from dualflow.data import load_uci, uci_split
     from dualflow.hmc import (
-        check_converged,
         gaussian_log_prior,
         regression_potential,
-        run_hmc,
     )
     from dualflow.hmc.sanity import compare_with_sampled_networks
     from dualflow.io import write_json_atomic
 
     F = flags.FLAGS
-    chains, warmup, samples = _budget()
+    chains = _budget()[0]
     sp = uci_split(load_uci("boston", F.data_dir or None), 0)
     x, y = sp.x_train, sp.y_train
     d = x.shape[1]
@@ -210,32 +231,26 @@ def boston(out: str, records: list, failures: list) -> None:
             xs = u.reshape(K, d)
             return jnp.sum(jax.vmap(lambda xk, yk: pot(jnp.append(xk, yk)))(xs, ys))
 
-        res = run_hmc(
-            jax.jit(conditional),
-            jnp.asarray(init, jnp.float32),
-            num_warmup=warmup,
-            num_samples=samples,
-            key=F.seed * 100 + i,
+        def rms_gap(res, models=models, method=method, name=name):
+            # how far the predictions at inputs sampled for y* fall from y*
+            xs_all = res.flat.reshape(-1, K, d)
+            gaps = [
+                np.asarray(p) - y_star[k]
+                for k in range(K)
+                for p in predict_mean(models, method, xs_all[:, k])
+            ]
+            gap = float(sp.y_std * np.sqrt(np.mean(np.concatenate(gaps) ** 2)))
+            print(
+                f"{name}: RMS(prediction - y*) at the sampled inputs {gap:.2f} ($1000s)"
+            )
+            return {
+                "y_star": (sp.y_mean + sp.y_std * y_star).tolist(),
+                "rms_prediction_minus_label": gap,
+            }
+
+        res, ok = _sample(
+            name, conditional, init, F.seed * 100 + i, records, failures, rms_gap
         )
-        ok = check_converged(res, F.max_rhat, force=True)
-        xs_all = res.flat.reshape(-1, K, d)
-        # how far the predictions at inputs sampled for y* fall from y* ($1000s)
-        gaps = [
-            np.asarray(p) - y_star[k]
-            for k in range(K)
-            for p in predict_mean(models, method, xs_all[:, k])
-        ]
-        rms_gap = float(sp.y_std * np.sqrt(np.mean(np.concatenate(gaps) ** 2)))
-        print(
-            f"{name}: RMS(prediction - y*) at the sampled inputs {rms_gap:.2f} ($1000s)"
-        )
-        extra = {
-            "y_star": (sp.y_mean + sp.y_std * y_star).tolist(),
-            "rms_prediction_minus_label": rms_gap,
-        }
-        records.append(_record(name, res, chains, warmup, samples, ok, extra))
-        if not ok:
-            failures.append(name)
         panels.append((models, method, res, ok))
 
     # App. E.2 sanity check on test inputs, both activation-moment modes
@@ -362,17 +377,16 @@ def boston(out: str, records: list, failures: list) -> None:
 # Fig. 3: mixture of Gaussians
 # --------------------------------------------------------------------------
 def mixture(out: str, records: list, failures: list) -> None:
-    import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
     from dualflow import nn as dnn
-    from dualflow.hmc import check_converged, class_log_prob_fn, run_hmc
+    from dualflow.hmc import class_log_prob_fn, classification_potential
     from dualflow.train import fit
 
     F = flags.FLAGS
-    chains, warmup, samples = _budget()
+    chains = _budget()[0]
     rng = np.random.default_rng(F.seed)
     means = np.array([[-2.0, -1.0], [2.0, -1.0], [0.0, 2.0]])
     n_per = 200
@@ -393,36 +407,23 @@ def mixture(out: str, records: list, failures: list) -> None:
         seed=F.seed,
         progress=False,
     )
-    log_probs = class_log_prob_fn(model, method)
     std = x.std(0)
     center = x.mean(0)
-
-    def potential(
-        u,
-    ):  # one block of 2 coordinates per class; prior N(center, (2 std)^2)
-        u = u.reshape(3, 2)
-        xs = center + 2.0 * std * u
-        lp = jax.vmap(log_probs)(xs)[jnp.arange(3), jnp.arange(3)]
-        return -jnp.sum(lp) + 0.5 * jnp.sum(u**2)
-
+    # one block of 2 coordinates per class; prior N(center, (2 std)^2)
+    potential = classification_potential(
+        class_log_prob_fn(model, method),
+        [0, 1, 2],
+        origin=center,
+        basis=np.diag(2.0 * std).astype(np.float32),
+    )
     init = []
     for _ in range(chains):
         pts = [x[rng.choice(np.flatnonzero(y == k))] for k in range(3)]
         init.append(((np.stack(pts) - center) / (2.0 * std)).ravel())
     init = np.asarray(init) + 0.05 * rng.standard_normal((chains, 6))
-    res = run_hmc(
-        jax.jit(potential),
-        jnp.asarray(init, jnp.float32),
-        num_warmup=warmup,
-        num_samples=samples,
-        key=F.seed,
-    )
-    ok = check_converged(res, F.max_rhat, force=True)
-    records.append(_record("mixture", res, chains, warmup, samples, ok))
-    if not ok:
-        failures.append("mixture")
-        if not F.force:
-            return
+    res, ok = _sample("mixture", potential, init, F.seed, records, failures)
+    if not ok and not F.force:
+        return
     plt = _plt()
     from scipy.stats import gaussian_kde
 
@@ -475,18 +476,17 @@ def mixture(out: str, records: list, failures: list) -> None:
 # Fig. 4: images
 # --------------------------------------------------------------------------
 def images(out: str, records: list, failures: list) -> None:
-    import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
     from dualflow import nn as dnn
     from dualflow.data import load_image_dataset
-    from dualflow.hmc import check_converged, class_log_prob_fn, run_hmc
+    from dualflow.hmc import class_log_prob_fn, classification_potential
     from dualflow.train import fit
 
     F = flags.FLAGS
-    chains, warmup, samples = _budget()
+    chains = _budget()[0]
     data = load_image_dataset("mnist_5k", F.data_dir or None)
     x = (data.x_train.reshape(len(data.x_train), -1) / 255.0).astype(np.float32)
     y = data.y_train
@@ -517,16 +517,10 @@ def images(out: str, records: list, failures: list) -> None:
     mean = x.mean(0)
     evals, evecs = np.linalg.eigh(np.cov((x - mean).T))
     basis = (evecs[:, ::-1][:, :k] * np.sqrt(evals[::-1][:k])).astype(np.float32)
-    log_probs = class_log_prob_fn(model, method)
-    B = jnp.asarray(basis)
-    m0 = jnp.asarray(mean)
-
-    def potential(u):  # one k-dim block per digit, standard normal prior
-        u = u.reshape(10, k)
-        xs = m0 + u @ B.T
-        lp = jax.vmap(log_probs)(xs)[jnp.arange(10), jnp.arange(10)]
-        return -jnp.sum(lp) + 0.5 * jnp.sum(u**2)
-
+    # one k-dim block per digit, standard normal prior on the coefficients
+    potential = classification_potential(
+        class_log_prob_fn(model, method), list(range(10)), origin=mean, basis=basis
+    )
     rng = np.random.default_rng(F.seed)
     coords = (x - mean) @ np.linalg.pinv(basis).T
     init = np.stack(
@@ -537,30 +531,18 @@ def images(out: str, records: list, failures: list) -> None:
             for _ in range(chains)
         ]
     ) + 0.05 * rng.standard_normal((chains, 10 * k))
-    res = run_hmc(
-        jax.jit(potential),
-        jnp.asarray(init, jnp.float32),
-        num_warmup=warmup,
-        num_samples=samples,
-        key=F.seed,
-    )
-    ok = check_converged(res, F.max_rhat, force=True)
-    records.append(
-        _record(
-            "images",
-            res,
-            chains,
-            warmup,
-            samples,
-            ok,
-            {"test_accuracy": acc, "pca_components": k},
-        )
+    res, ok = _sample(
+        "images",
+        potential,
+        init,
+        F.seed,
+        records,
+        failures,
+        lambda res: {"test_accuracy": acc, "pca_components": k},
     )
     print(f"images: MLP test accuracy {acc:.3f}")
-    if not ok:
-        failures.append("images")
-        if not F.force:
-            return
+    if not ok and not F.force:
+        return
     plt = _plt()
     cols = 8
     idx = np.linspace(0, res.samples.shape[1] - 1, max(cols // chains, 1) + 1)[1:]

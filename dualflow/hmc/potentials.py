@@ -23,7 +23,7 @@ potentials ``U(z) = -log p(z)`` for :func:`dualflow.hmc.run_hmc`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -119,26 +119,32 @@ def class_log_prob_fn(
 
 def classification_potential(
     log_probs: Callable[[Array], Array],
-    label: int,
+    label: int | Sequence[int],
     *,
     origin: Array,
     basis: Array | None = None,
     prior_scale: float = 1.0,
 ) -> Callable[[Array], Array]:
-    """``U(u) = -log p(y = label | x(u)) + |u|^2 / (2 prior_scale^2)``.
+    """``U(u) = -sum_l log p(y = label_l | x(u_l)) + |u|^2 / (2 prior_scale^2)``.
 
     ``x(u) = origin + basis @ u`` (``basis`` ``[D, k]``, e.g. principal
     directions scaled by their standard deviations; ``None``: ``x = origin +
-    u``, then reshaped like ``origin``).
+    u``, then reshaped like ``origin``).  With several labels ``u`` is the
+    concatenation of one block ``u_l`` per label (independent targets sampled
+    by one chain, e.g. an input of every class at once); ``potential.to_x``
+    maps one block to an input.
     """
     origin = jnp.asarray(origin)
+    labels = jnp.atleast_1d(jnp.asarray(label, jnp.int32))
 
     def to_x(u):
         flat = u if basis is None else basis @ u
         return origin + flat.reshape(origin.shape)
 
     def potential(u):
-        return -log_probs(to_x(u))[label] + 0.5 * jnp.sum(u**2) / prior_scale**2
+        xs = jax.vmap(to_x)(u.reshape(labels.shape[0], -1))
+        lp = jax.vmap(log_probs)(xs)[jnp.arange(labels.shape[0]), labels]
+        return -jnp.sum(lp) + 0.5 * jnp.sum(u**2) / prior_scale**2
 
     potential.to_x = to_x  # type: ignore[attr-defined]
     return potential

@@ -5,6 +5,7 @@ from dualflow.train.config import (
     ConfigError,
     apply_method_row,
     base_config,
+    image_recipe,
     load_config_file,
     validate_config,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "apply_method_row",
     "base_config",
     "fit",
+    "image_recipe",
     "load_config_file",
     "make_loss_fn",
     "make_pure_step",

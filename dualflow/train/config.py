@@ -41,6 +41,7 @@ __all__ = [
     "METHOD_ROWS",
     "apply_method_row",
     "base_config",
+    "image_recipe",
     "load_config_file",
     "validate_config",
 ]
@@ -128,6 +129,53 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.num_devices = 0  # 0: all devices (of all hosts)
     c.mesh.distributed = False  # multi-host: jax.distributed.initialize()
+    return c
+
+
+def image_recipe(
+    dataset: str,
+    model: str,
+    *,
+    batch_size: int,
+    num_epochs: int,
+    weight_decay: float,
+    warmup_steps: int,
+    kl_anneal_steps: int,
+    crop_pad: int = 4,
+    paper_augment: bool = True,
+) -> ml_collections.ConfigDict:
+    """The image-classification recipe shared by the CIFAR / Tiny ImageNet
+    configs: Bayesian layers with He-scale priors (``init_var`` 1e-3,
+    ``prior_var`` 2 per fan-in), beta 1 annealed over ``kl_anneal_steps``, SGD +
+    Nesterov at 0.1 with clipping at 5, linear warm-up then cosine, crop +
+    flip, and with ``paper_augment`` the duality paper's RandAugment (N=2, M=9),
+    mixup (0.8) and CutMix (1.0).  Apply a Table-1 row on top
+    (:func:`apply_method_row`)."""
+    c = base_config()
+    c.dataset = dataset
+    c.model.name = model
+    c.model.kwargs.init_var = 1e-3
+    c.model.kwargs.prior_var = 2.0
+    c.loss.kl_weight = 1.0
+    c.loss.kl_anneal_steps = kl_anneal_steps
+    c.optimizer.name = "sgd"
+    c.optimizer.lr = 0.1
+    c.optimizer.momentum = 0.9
+    c.optimizer.nesterov = True
+    c.optimizer.weight_decay = weight_decay
+    c.optimizer.grad_clip = 5.0
+    c.schedule.name = "cosine"
+    c.schedule.warmup_steps = warmup_steps
+    c.augment.crop_pad = crop_pad
+    c.augment.flip = True
+    if paper_augment:
+        c.augment.randaugment_ops = 2
+        c.augment.randaugment_magnitude = 9.0
+        c.augment.mixup_alpha = 0.8
+        c.augment.cutmix_alpha = 1.0
+    c.train.batch_size = batch_size
+    c.train.num_epochs = num_epochs
+    c.train.eval_batch_size = 500
     return c
 
 
