@@ -18,6 +18,7 @@ Public layout:
 """
 
 from dualflow import (
+    chain,
     metrics,
     models,
     moments,
@@ -43,6 +44,7 @@ __all__ = [
     "Gaussian",
     "__version__",
     "as_gaussian",
+    "chain",
     "debug_checks_enabled",
     "metrics",
     "models",
