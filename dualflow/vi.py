@@ -133,7 +133,9 @@ def elbo_terms(
       ``log_likelihood`` (mean per example), ``kl``, ``elbo`` =
       ``log_likelihood - beta KL / n_data`` (per example; minus the training
       objective of :func:`dualflow.nn.objective` up to the head's likelihood)
-      and ``elbo_total = n_data * elbo`` (``<= log p(D)`` when ``beta = 1``).
+      and ``elbo_total = n_data * elbo``.  This is a lower bound on
+      ``log p(D)`` (for ``beta = 1``) only when ``log_lik`` is measured on the
+      training set ``D`` itself; on held-out data it is a held-out estimate.
     """
     ll = jnp.mean(log_lik)
     per_example = ll - kl_weight * kl / n_data

@@ -136,6 +136,7 @@ def run_model(name: str, F, init_var: float, save=None) -> dict:
     from dualflow.benchmarks.gradient_noise import (
         estimate_gradient_noise,
         model_summary_fn,
+        paired_difference_se,
     )
     from dualflow.benchmarks.studies import load_study_data
     from dualflow.nn import Method
@@ -220,9 +221,10 @@ def run_model(name: str, F, init_var: float, save=None) -> dict:
             print(f"[{name}] --time_limit reached: batch sizes >= {b} not measured")
             complete = False
             break
+        ests = {}
         for method in F.methods:
             t1 = time.time()
-            est = estimate_gradient_noise(
+            est = ests[method] = estimate_gradient_noise(
                 summaries[method],
                 n,
                 batch_size=b,
@@ -254,6 +256,15 @@ def run_model(name: str, F, init_var: float, save=None) -> dict:
                 f"  weight {est.weight:.4e} ± {est.weight_se:.1e}"
                 f"  ({rec['seconds']:.1f} s)",
                 flush=True,
+            )
+        if "bp" in ests and "deterministic" in ests:
+            # same batches and bootstrap draws: a paired error of the difference
+            bp_rec = next(r for r in records[::-1] if r["method"] == "bp")
+            bp_rec["minus_deterministic"] = (
+                ests["bp"].total - ests["deterministic"].total
+            )
+            bp_rec["minus_deterministic_se"] = paired_difference_se(
+                ests["bp"], ests["deterministic"]
             )
         if save is not None:  # partial results survive an interrupted run
             save(run_dict(False))
@@ -294,7 +305,8 @@ def combine(out: str, command: str) -> dict:
 
 
 def _claims(run: dict) -> dict:
-    """The paper's two claims, checked per batch size with 2-sigma errors."""
+    """The paper's two claims per batch size: weight-sampling / mini-batch noise
+    of R, L, F; bp minus vanilla with its paired bootstrap error."""
     by = {(r["method"], r["batch_size"]): r for r in run["records"]}
     out: dict = {
         "model": run["model"],
@@ -309,11 +321,12 @@ def _claims(run: dict) -> dict:
             )
         if m == "bp" and ("deterministic", b) in by:
             d = by[("deterministic", b)]
-            diff = r["grad_variance"] - d["grad_variance"]
-            err = (r["grad_variance_se"] ** 2 + d["grad_variance_se"] ** 2) ** 0.5
+            diff, err = r["minus_deterministic"], r["minus_deterministic_se"]
             out["bp_vs_det"][b] = {
                 "ratio": r["grad_variance"] / d["grad_variance"],
-                "diff_over_2se": abs(diff) / (2 * err) if err > 0 else float("inf"),
+                "difference": diff,
+                "paired_se": err,
+                "within_2se": abs(diff) <= 2 * err,
                 "bp_weight_variance": r["weight_sampling_variance"],
             }
     return out
@@ -365,20 +378,9 @@ def _plot(runs: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {
-        "bp": "C3",
-        "reparam": "C0",
-        "local_reparam": "C1",
-        "flipout": "C2",
-        "deterministic": "k",
-    }
-    labels = {
-        "bp": "BP (ours)",
-        "reparam": "R",
-        "local_reparam": "L",
-        "flipout": "F",
-        "deterministic": "vanilla",
-    }
+    from dualflow.benchmarks.studies import METHOD_COLORS as colors
+    from dualflow.benchmarks.studies import METHOD_LABELS as labels
+
     fig, axes = plt.subplots(len(runs), 2, figsize=(11, 4.2 * len(runs)), squeeze=False)
     for row, run in zip(axes, runs, strict=True):
         methods = list(dict.fromkeys(r["method"] for r in run["records"]))
@@ -396,9 +398,12 @@ def _plot(runs: list[dict], path: str) -> None:
                 color=colors.get(m),
                 label=labels.get(m, m),
             )
+            mb = [r["minibatch_variance"] for r in rs]
             row[1].plot(
                 b,
-                [max(r["minibatch_variance"], 1e-30) for r in rs],
+                [
+                    v if v > 0 else float("nan") for v in mb
+                ],  # < 0: noise in the estimate
                 "-",
                 marker="o",
                 ms=3,
@@ -447,11 +452,13 @@ def main(argv):
     from dualflow.io import write_json_atomic
 
     command = "python " + " ".join(sys.argv)
+    if F.quick and F.out == flags.FLAGS["out"].default:
+        F.out = "results/tmp/gradient_variance_quick"  # never mixed with full runs
     if F.quick:
         F.dense_widths = ["32", "32"]
         F.batch_sizes = ["8", "64"]
         F.init_vars = F.init_vars[:1]
-        F.num_batches = min(F.num_batches, 4)
+        F.num_batches = 16
         F.num_samples = 2
         F.warm_epochs = 1
         F.max_train = F.max_train or 1000

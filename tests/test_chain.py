@@ -261,3 +261,14 @@ def test_layer_rate_zero_is_plain():
     np.testing.assert_array_equal(
         net(x, dnn.Context(det, train=True)), plain(x, dnn.Context(det))
     )
+
+
+def test_integer_input_gives_float_moments():
+    """Integer pre-activations must not truncate the softplus node's std."""
+    from dualflow.chain import node_moments
+
+    for name in ("softplus", "relu", "tanh"):
+        mi, vi = node_moments(name, jnp.array([0, 1]))
+        mf, vf = node_moments(name, jnp.array([0.0, 1.0]))
+        np.testing.assert_allclose(mi, mf, rtol=1e-6)
+        np.testing.assert_allclose(vi, vf, rtol=1e-6)

@@ -58,10 +58,16 @@ def test_gradient_variance_properties(gv):
         assert by[("bp", b)]["weight_sampling_variance"] == 0.0
         assert by[("deterministic", b)]["weight_sampling_variance"] == 0.0
         for m in ("reparam", "local_reparam", "flipout"):
-            r = by[(m, b)]
-            assert r["weight_sampling_variance"] > 2 * r["weight_sampling_variance_se"]
-    for m in METHODS:  # 8x the batch: clearly less mini-batch noise
-        assert by[(m, 64)]["grad_variance"] < 0.5 * by[(m, 8)]["grad_variance"]
+            # independent noise draws: within-batch spread is positive
+            assert by[(m, b)]["weight_sampling_variance"] > 0
+        assert "minus_deterministic_se" in by[("bp", b)]
+    # B = 8 -> 64 of n = 1000 divides the mini-batch variance by
+    # 8 (999 - 63) / (999 - 7) = 7.5 (weight noise in these runs is ~2% of it).
+    # With R = 16 batches each estimate is roughly chi2_15 / 15 distributed
+    # (more concentrated for a trace over many parameters), and P(F_15,15 <
+    # 0.2) < 1e-3, so the estimated ratio exceeds 7.5 * 0.2 = 1.5.
+    for m in METHODS:
+        assert by[(m, 8)]["grad_variance"] > 1.5 * by[(m, 64)]["grad_variance"]
 
 
 def test_convergence_outputs(tmp_path):
@@ -78,6 +84,8 @@ def test_convergence_outputs(tmp_path):
         assert r["steps"] == doc["step_budget"]
         # two epochs of training beat the untrained network
         assert r["step_budget"]["val_nll"] < first[m]["val_nll"]
-        assert r["test_after_all_steps"]["accuracy"] > 0.2  # chance: 0.1
+        for budget in ("test_at_step_budget", "test_at_wall_budget"):
+            assert r[budget]["accuracy"] > 0.2  # chance: 0.1
         assert r["seconds_to_target"] is not None or m == "deterministic"
     assert "bp_over_best_sampler" in s
+    assert 0 < s["methods"]["bp"]["test_at_step_budget"]["nll_closed_form"] < 5

@@ -11,6 +11,7 @@ from dualflow.benchmarks.gradient_noise import (
     minibatch_variance_exact,
     model_summary_fn,
     noise_from_batch_summaries,
+    paired_difference_se,
 )
 from dualflow.nn import MLP, Method
 
@@ -162,3 +163,24 @@ def test_weight_noise_scaling_with_batch_size(small_problem):
     assert abs(lr - 8.0) < 4 * lr_se, ratios
     r, r_se = ratios["reparam"]
     assert r < 8.0 - 4 * r_se, ratios
+
+
+def test_paired_difference_error():
+    """Two estimators on the same batches: the paired error of the difference
+    covers the true difference and is far below the unpaired one."""
+    rng = np.random.default_rng(5)
+    n, p = 200, 30
+    z = rng.normal(size=(n, p))
+    shift = 1.05  # b's gradient is a's scaled: true variance ratio 1.05^2
+    kw = dict(batch_size=16, num_batches=300, num_samples=2, seed=3)
+    a = estimate_gradient_noise(
+        _synthetic_summary(z, 0.0), n, key=jax.random.key(0), **kw
+    )
+    b = estimate_gradient_noise(
+        _synthetic_summary(shift * z, 0.0), n, key=jax.random.key(0), **kw
+    )
+    se = paired_difference_se(b, a)
+    truth = (shift**2 - 1) * minibatch_variance_exact(z, 16)
+    assert abs((b.total - a.total) - truth) < 4 * se
+    assert se < 0.2 * np.hypot(a.total_se, b.total_se)
+    assert paired_difference_se(a, a) == 0.0

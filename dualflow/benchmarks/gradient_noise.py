@@ -39,6 +39,7 @@ __all__ = [
     "minibatch_variance_exact",
     "model_summary_fn",
     "noise_from_batch_summaries",
+    "paired_difference_se",
 ]
 
 
@@ -46,7 +47,7 @@ class NoiseEstimate(NamedTuple):
     """Traces of gradient covariances (summed over all ``P`` coordinates).
 
     ``total`` is the variance of the one-draw estimator (one batch, one noise
-    draw); ``*_se`` are bootstrap standard errors.
+    draw); ``*_se`` are bootstrap standard errors (resampling batches).
     """
 
     total: float
@@ -58,6 +59,7 @@ class NoiseEstimate(NamedTuple):
     num_batches: int
     num_samples: int
     num_params: int
+    total_boot: np.ndarray | None = None  # bootstrap replicates of ``total``
 
 
 def noise_from_batch_summaries(
@@ -90,21 +92,23 @@ def noise_from_batch_summaries(
             f"num_samples must be >= 2 to separate the two noise sources,"
             f" got {num_samples}."
         )
-    centred = (m - m.mean(axis=0, dtype=np.float64)).astype(np.float64)
-    gram = centred @ centred.T  # [R, R]
+    centred = (m - m.mean(axis=0, dtype=np.float64)).astype(np.float32)
+    gram = (centred @ centred.T).astype(np.float64)  # [R, R]
 
-    def split(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # idx [..., R]: sum_i ||c_i - mean(c)||^2 from the Gram matrix
-        diag = gram[idx, idx].sum(-1)
-        full = gram[idx[..., :, None], idx[..., None, :]].sum((-1, -2))
+    def split(k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # k [..., R]: how often each batch is drawn (all ones: the sample
+        # itself).  sum_i ||c_i - mean(c)||^2 = k.diag(G) - k'Gk / R.
+        diag = k @ np.diag(gram)
+        full = np.einsum("...r,rs,...s->...", k, gram, k)
         between = (diag - full / r) / (r - 1)
-        weight = w[idx].mean(-1)
+        weight = k @ w / r
         minibatch = between - weight / num_samples
         return minibatch + weight, minibatch, weight
 
-    point = split(np.arange(r))
+    point = split(np.ones(r))
     rng = np.random.default_rng(seed)
-    boot = split(rng.integers(0, r, size=(num_bootstrap, r)))
+    counts = rng.multinomial(r, np.full(r, 1.0 / r), size=num_bootstrap)
+    boot = split(counts.astype(np.float64))
     se = [float(np.std(b, ddof=1)) for b in boot]
     return NoiseEstimate(
         total=float(point[0]),
@@ -116,7 +120,23 @@ def noise_from_batch_summaries(
         num_batches=r,
         num_samples=int(num_samples),
         num_params=int(m.shape[1]),
+        total_boot=boot[0],
     )
+
+
+def paired_difference_se(a: NoiseEstimate, b: NoiseEstimate) -> float:
+    """Bootstrap standard error of ``a.total - b.total``.
+
+    Valid when both estimates used the same mini-batches and the same bootstrap
+    ``seed`` (so replicate i resamples the same batches in both): the two
+    estimates are then positively correlated and this error is smaller than
+    ``hypot(a.total_se, b.total_se)``.
+    """
+    if a.total_boot is None or b.total_boot is None:
+        raise ValueError("paired_difference_se needs estimates with total_boot.")
+    if a.total_boot.shape != b.total_boot.shape or a.num_batches != b.num_batches:
+        raise ValueError("paired estimates must share batches and bootstrap draws.")
+    return float(np.std(a.total_boot - b.total_boot, ddof=1))
 
 
 def estimate_gradient_noise(
@@ -235,9 +255,12 @@ def _summary(static, params, rest, x, y, idx, keys):
         return selected(g(params))
 
     gs = jax.vmap(grad)(keys)  # [S, P]
-    mean = gs.mean(0)
-    within = ((gs - mean) ** 2).sum() / (gs.shape[0] - 1)
-    return mean, within
+    # centre on the first draw: identical draws (bp, deterministic) give a
+    # within-batch variance of exactly 0 for any S
+    d = gs - gs[0]
+    dm = d.mean(0)
+    within = ((d - dm) ** 2).sum() / (gs.shape[0] - 1)
+    return gs[0] + dm, within
 
 
 def _path_name(path) -> str:

@@ -11,7 +11,23 @@ import numpy as np
 from dualflow.data.images import ImageDataset, load_image_dataset
 from dualflow.data.paths import DataNotFoundError, resolve_data_dir
 
-__all__ = ["StudyData", "load_study_data"]
+__all__ = ["METHOD_COLORS", "METHOD_LABELS", "StudyData", "load_study_data"]
+
+# one look for every study figure; labels follow Fig. 1 of the duality paper
+METHOD_COLORS = {
+    "bp": "C3",
+    "reparam": "C0",
+    "local_reparam": "C1",
+    "flipout": "C2",
+    "deterministic": "k",
+}
+METHOD_LABELS = {
+    "bp": "BP",
+    "reparam": "R",
+    "local_reparam": "L",
+    "flipout": "F",
+    "deterministic": "vanilla",
+}
 
 
 @dataclasses.dataclass(frozen=True)

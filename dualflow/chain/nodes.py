@@ -84,6 +84,8 @@ def node_std(name: str, a: Array) -> Array:
     ``softplus``: the constant :data:`SOFTPLUS_STD`.
     """
     a = jnp.asarray(a)
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        a = a.astype(jnp.result_type(float))  # integer input: float std
     if name == "relu":
         return jnp.tanh(a)
     if name == "softplus":
