@@ -65,7 +65,7 @@ flags.DEFINE_integer("val_size", 1000, "Validation examples held out for tuning.
 flags.DEFINE_integer("eval_samples", 32, "Weight samples per MC evaluation.")
 flags.DEFINE_integer("eval_size", 0, "Test examples evaluated (0: all).")
 flags.DEFINE_integer("seed", 0, "Seed (initialisation, batches, sampling).")
-flags.DEFINE_bool("quick", False, "Tiny run for tests (writes to --out_dir).")
+flags.DEFINE_bool("quick", False, "Tiny run for tests (default out: results/tmp/).")
 flags.DEFINE_bool("progress", True, "tqdm progress bars.")
 
 METHODS = ("reparam", "bp", "bp_ng")
@@ -344,6 +344,8 @@ def main(argv):
         F.iterations, F.eval_every, F.hidden = 12, 6, 64
         F.eval_samples, F.eval_size, F.val_size = 4, 200, 500
         F.ng_lrs = ["300"]
+    if F.quick and F.out_dir == flags.FLAGS["out_dir"].default:
+        F.out_dir = "results/tmp/mnist_vi_quick"  # never overwrites a full run
     out = Path(F.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     x, y, xt, yt, dataset, why = _load(F.data_dir or None)

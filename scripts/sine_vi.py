@@ -57,7 +57,7 @@ flags.DEFINE_float("plot_max", 5.0, "The figure covers [-plot_max, plot_max].")
 flags.DEFINE_float("init_logvar", -7.0, "Initial weight log-variance (unscaled).")
 flags.DEFINE_integer("samples", 200, "Sampled networks per MC prediction.")
 flags.DEFINE_integer("seed", 0, "Seed (data, initialisation, sampling).")
-flags.DEFINE_bool("quick", False, "Tiny run for tests (writes to --out_dir).")
+flags.DEFINE_bool("quick", False, "Tiny run for tests (default out: results/tmp/).")
 
 METHODS = ("reparam", "bp")
 
@@ -260,6 +260,8 @@ def main(argv):
     if F.quick:
         F.iterations, F.samples, F.n_test = 200, 32, 200
         F.betas = ["1", "0.0001"]
+    if F.quick and F.out_dir == flags.FLAGS["out_dir"].default:
+        F.out_dir = "results/tmp/sine_vi_quick"  # never overwrites a full run
     out = Path(F.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     betas = [float(b) for b in F.betas]
