@@ -128,7 +128,7 @@ def train_method(method: str, data, splits, F, wall_budget: float) -> dict:
     rng = np.random.default_rng(F.seed)  # the same batch order for every method
     key = jax.random.key(F.seed)
     steps_per_epoch = n // bs
-    records, train_s, done, sums, count = [], 0.0, 0, 0.0, 0
+    records, train_s, done, sums, nll_sums, count = [], 0.0, 0, 0.0, 0.0, 0
     x_dev, y_dev = jnp.asarray(x_tr), jnp.asarray(y_tr)
 
     def evaluate(kind_key):
@@ -140,6 +140,7 @@ def train_method(method: str, data, splits, F, wall_budget: float) -> dict:
             "epoch": done / steps_per_epoch,
             "train_seconds": train_s,
             "train_loss": sums / max(count, 1),
+            "train_nll": nll_sums / max(count, 1),
             "val_nll": ev["nll"],
             "val_accuracy": ev["accuracy"],
             **{f"val_{k}": v for k, v in ev.items() if k.endswith("closed_form")},
@@ -170,10 +171,11 @@ def train_method(method: str, data, splits, F, wall_budget: float) -> dict:
                 raise FloatingPointError(f"{method}: loss {loss} at step {done}.")
             done += 1
             sums += loss
+            nll_sums += float(m["nll"])
             count += 1
             if done % F.eval_every == 0:
                 records.append(evaluate(jax.random.fold_in(key, 7)))
-                sums, count = 0.0, 0
+                sums, nll_sums, count = 0.0, 0.0, 0
             if done == budget_steps:
                 test_at_steps = test_metrics()
             if epoch >= F.epochs and (train_s >= wall_budget or epoch >= max_epochs):
@@ -255,7 +257,7 @@ def _plot(runs: dict, summary: dict, path: str, title: str) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     cols = [
-        ("train_loss", "training loss (-ELBO / example)"),
+        ("train_nll", "training NLL (data term of the loss)"),
         ("val_nll", "validation NLL"),
         ("val_accuracy", "validation accuracy"),
     ]
