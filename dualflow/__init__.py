@@ -15,6 +15,7 @@ Public layout:
   dualflow.optim          natural_gradient() optax transform (App. D)
   dualflow.metrics        accuracy, NLL, Brier, ECE, RMSE, LL, entropy, MI, AUROC
   dualflow.train          fit(): a small jitted training loop
+  dualflow.vi             Monte Carlo ELBO terms of any variational method
 """
 
 from dualflow import (
@@ -28,6 +29,7 @@ from dualflow import (
     pgm,
     smoothing,
     train,
+    vi,
 )
 from dualflow.gaussian import (
     Gaussian,
@@ -59,4 +61,5 @@ __all__ = [
     "smoothing",
     "train",
     "validate",
+    "vi",
 ]

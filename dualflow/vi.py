@@ -11,7 +11,8 @@ objective of Bayes-by-backprop reports).  :func:`expected_log_likelihood`
 draws weights from ``q`` (``Method("reparam")`` passes);
 :func:`elbo_terms` assembles per-example and total ELBOs;
 :func:`report_kl` and :func:`mean_approximate_evidence` reproduce the
-conventions of the VI report (``/work/shared/papers/003_*``, Tables 1-2).
+conventions of the report "Bayesian neural networks and variational
+inference" (Tables 1-2).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
     python scripts/mnist_vi.py --quick --out_dir=/tmp/mnist_vi
 
 Reproduces section 3 of "Bayesian neural networks and variational inference"
-(``/work/shared/papers/003_*``): an MLP 784-1024-10 (ReLU) with mean-field
-Gaussian weights trained for 1000 iterations by Bayes-by-backprop
+(``../shared/papers/003_8297dee864a545ef.txt``): an MLP 784-1024-10 (ReLU)
+with mean-field Gaussian
+weights trained for 1000 iterations by Bayes-by-backprop
 (``Method("reparam")``, one weight sample per step, Adam), then the same
 network, budget and batches trained by ``Method("bp")`` (moment forward, BP
 backward, Adam) and by ``bp`` + natural gradient (``natural_gradient()`` then

@@ -4,8 +4,9 @@
     python scripts/sine_vi.py --quick --out_dir=/tmp/sine_vi
 
 Section 4 of "Bayesian neural networks and variational inference"
-(``/work/shared/papers/003_*``): an MLP 1-10-10-1 with tanh and mean-field
-Gaussian weights, trained for each beta in {1, 0.1, 0.01, 1e-3, 1e-4} by
+(``../shared/papers/003_8297dee864a545ef.txt``): an MLP 1-10-10-1 with tanh
+and mean-field Gaussian
+weights, trained for each beta in {1, 0.1, 0.01, 1e-3, 1e-4} by
 Bayes-by-backprop (``Method("reparam")``, one weight sample per step) and by
 ``Method("bp")`` (moment forward, linearised tanh, BP backward); both with
 Adam, full batch, the same initialisation.
