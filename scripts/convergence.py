@@ -25,6 +25,7 @@ digits (4000 train = 3200 train + 800 validation; 1000 test).  Writes
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -38,6 +39,7 @@ if _REPO not in sys.path:
 
 METHODS = ("bp", "reparam", "local_reparam", "flipout", "deterministic")
 SAMPLERS = ("reparam", "local_reparam", "flipout")
+TARGET_MARGIN = 1.1
 
 flags.DEFINE_list("methods", list(METHODS), "Learning methods (bp first).")
 flags.DEFINE_list("widths", ["1024", "1024"], "Hidden widths.")
@@ -55,6 +57,9 @@ flags.DEFINE_float("val_fraction", 0.2, "Held-out share of the training set.")
 flags.DEFINE_integer("eval_every", 10, "Steps between validation evaluations.")
 flags.DEFINE_integer("eval_samples", 16, "Predictive samples of sampling methods.")
 flags.DEFINE_float("target_nll", 0.0, "Target validation NLL (0: automatic).")
+flags.DEFINE_bool(
+    "resummarise", False, "Recompute <out>/results.json's summary (no training)."
+)
 flags.DEFINE_string("data_dir", None, "Data folder (default $DUALFLOW_DATA_DIR).")
 flags.DEFINE_string("out", "results/convergence", "Output folder.")
 flags.DEFINE_integer("seed", 0, "Seed (initialisation, batch order, noise).")
@@ -200,10 +205,12 @@ def train_method(method: str, data, splits, F, wall_budget: float) -> dict:
 def summarise(runs: dict, F, steps_budget: int, wall_budget: float) -> dict:
     """Per-method figures at both budgets and the time to the target NLL."""
     variational = [m for m in runs if m != "deterministic"]
-    target = F.target_nll or max(
+    # automatic target: 10% above the level every variational method reaches
+    # (the validation curves are noisy; their minima are partly luck)
+    target = F.target_nll or TARGET_MARGIN * max(
         min(r["val_nll"] for r in runs[m]["records"]) for m in variational
     )
-    out = {"target_nll": target, "methods": {}}
+    out = {"target_nll": target, "target_rule": _target_rule(F), "methods": {}}
     for m, run in runs.items():
         recs = run["records"]
         at_steps = max((r for r in recs if r["step"] <= steps_budget), key=_step)
@@ -236,10 +243,20 @@ def summarise(runs: dict, F, steps_budget: int, wall_budget: float) -> dict:
         best = min(times, key=times.get)
         out["bp_over_best_sampler"] = {
             "best_sampler": best,
-            "ratio": bp / times[best],
+            # None: the untrained networks already meet the target
+            "ratio": bp / times[best] if times[best] > 0 else None,
             "target_met": bp < times[best],
         }
     return out
+
+
+def _target_rule(F) -> str:
+    if F.target_nll:
+        return f"--target_nll={F.target_nll}"
+    return (
+        f"{TARGET_MARGIN} x the largest of the variational methods' best"
+        " validation NLLs"
+    )
 
 
 def _step(r: dict) -> int:
@@ -308,7 +325,7 @@ def _markdown(result: dict) -> str:
         "",
         f"Step budget {result['step_budget']} steps; wall-clock budget"
         f" {result['wall_budget']:.1f} s of training; target validation NLL"
-        f" {s['target_nll']:.4f}.",
+        f" {s['target_nll']:.4f} ({s.get('target_rule', '')}).",
         "",
         "Validation/test NLL of every variational method: average of"
         f" {result['settings']['eval_samples']} networks sampled from q (same keys);"
@@ -345,12 +362,47 @@ def _markdown(result: dict) -> str:
         ]
     if "bp_over_best_sampler" in s:
         b = s["bp_over_best_sampler"]
+        ratio = "-" if b["ratio"] is None else f"{b['ratio']:.2f}"
         lines += [
             "",
             f"bp time to target / best of R, L, F ({b['best_sampler']}):"
-            f" {b['ratio']:.2f} (target bp faster: {b['target_met']})",
+            f" {ratio} (target bp faster: {b['target_met']})",
         ]
     return "\n".join(lines) + "\n"
+
+
+def resummarise(F, command: str) -> None:
+    """Redo the budgets/target summary, table and figure of a finished run."""
+    from dualflow.io import write_json_atomic, write_text_atomic
+
+    path = os.path.join(F.out, "results.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resummarise: no {path}; run the study first.")
+    with open(path) as f:
+        result = json.load(f)
+    keep = (
+        "seconds_per_step",
+        "compile_seconds",
+        "steps",
+        "test_at_step_budget",
+        "test_at_wall_budget",
+    )
+    runs = {
+        m: {
+            "records": [r for r in result["records"] if r["method"] == m],
+            **{k: v[k] for k in keep},
+        }
+        for m, v in result["summary"]["methods"].items()
+    }
+    summary = summarise(runs, F, result["step_budget"], result["wall_budget"])
+    summary["wall_budget"] = result["wall_budget"]
+    result["summary"] = summary
+    result["resummarised_by"] = command
+    write_json_atomic(path, result)
+    write_text_atomic(os.path.join(F.out, "results.md"), _markdown(result))
+    title = result["data"]
+    _plot(runs, summary, os.path.join(F.out, "convergence.png"), title)
+    print(_markdown(result))
 
 
 def main(argv):
@@ -370,6 +422,8 @@ def main(argv):
         F.eval_every = 5
         F.eval_samples = 4
         F.wall_budget = F.wall_budget or 1e-9  # no budget filling in tests
+    if F.resummarise:
+        return resummarise(F, command)
     bad = [m for m in F.methods if m not in METHODS]
     if bad:
         raise SystemExit(f"unknown methods {bad}; choose from {METHODS}.")

@@ -479,7 +479,8 @@ def main(argv):
                 path = os.path.join(F.out, f"{_RUN_PREFIX}{name}_iv{float(iv):g}.json")
 
                 def save(run, path=path):
-                    write_json_atomic(path, {**run, "command": command})
+                    if run["records"]:  # an empty run would replace a real one
+                        write_json_atomic(path, {**run, "command": command})
 
                 save(run_model(name, F, float(iv), save))
     combine(F.out, command)

@@ -13,10 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = {"bp", "reparam", "local_reparam", "flipout", "deterministic"}
 
 
-def _run(script: str, out: Path) -> None:
+def _run(script: str, out: Path, *extra: str) -> None:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
-        [sys.executable, script, "--quick", f"--out={out}"],
+        [sys.executable, script, "--quick", f"--out={out}", *extra],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -89,3 +89,14 @@ def test_convergence_outputs(tmp_path):
         assert r["seconds_to_target"] is not None or m == "deterministic"
     assert "bp_over_best_sampler" in s
     assert 0 < s["methods"]["bp"]["test_at_step_budget"]["nll_closed_form"] < 5
+    # the summary can be redone from the JSON alone, e.g. for another target
+    untrained = max(r["val_nll"] for r in doc["records"] if r["step"] == 0)
+    target = 0.5 * (s["target_nll"] + untrained)
+    _run("scripts/convergence.py", tmp_path, "--resummarise", f"--target_nll={target}")
+    redo = json.loads((tmp_path / "results.json").read_text())
+    assert redo["summary"]["target_nll"] == pytest.approx(target)
+    assert redo["records"] == doc["records"]
+    for m, r in redo["summary"]["methods"].items():
+        old = s["methods"][m]["steps_to_target"]
+        new = r["steps_to_target"]
+        assert new is not None and (old is None or new <= old)  # easier target
