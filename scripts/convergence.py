@@ -292,7 +292,7 @@ def _plot(runs: dict, summary: dict, path: str, title: str) -> None:
     for m, run in runs.items():
         recs = run["records"][1:]
         for j, (k, label) in enumerate(cols):
-            ys = [r[k] for r in recs]
+            ys = [r.get(k, r.get("train_loss")) for r in recs]  # old runs: loss
             axes[0, j].plot(
                 [r["epoch"] for r in recs],
                 ys,
@@ -307,6 +307,17 @@ def _plot(runs: dict, summary: dict, path: str, title: str) -> None:
             )
             axes[0, j].set_ylabel(label)
             axes[1, j].set_ylabel(label)
+        if recs and "val_nll_closed_form" in recs[0]:
+            cf = [r["val_nll_closed_form"] for r in recs]
+            for i, x in enumerate(("epoch", "train_seconds")):
+                axes[i, 1].plot(
+                    [r[x] for r in recs],
+                    cf,
+                    ls="--",
+                    lw=1,
+                    color=colors.get(m),
+                    label=f"{labels.get(m, m)} closed form",
+                )
     for j in range(3):
         axes[0, j].set_xlabel("epoch (equal step budget)")
         axes[1, j].set_xlabel("training seconds (equal wall-clock budget)")

@@ -336,7 +336,8 @@ def _markdown(runs: list[dict], result: dict) -> str:
     lines = [
         "# Gradient variance vs batch size",
         "",
-        f"`{result['command']}` (commit {result['commit']})",
+        f"Combined by `{result['command']}` (commit {result['commit']});"
+        " each section names the command that measured it.",
         "",
         "Trace of the covariance of the one-draw gradient of the per-batch negative"
         " ELBO w.r.t. the weight means, summed over all means; `±` is one bootstrap"
@@ -347,6 +348,8 @@ def _markdown(runs: list[dict], result: dict) -> str:
         d = run["data"]
         lines += [
             f"## {run['description']}, init_var {run['init_var']:g}",
+            "",
+            f"command: `{run.get('command', 'not recorded')}`",
             "",
             f"data: {d['name']} ({d['n_train_used']} training examples; {d['source']})"
             + (f"; {d['note']}" if d["note"] else ""),
