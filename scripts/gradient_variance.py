@@ -131,6 +131,7 @@ def _posterior_summary(model) -> dict:
 
 def run_model(name: str, F, init_var: float, save=None) -> dict:
     import jax
+    import numpy as np
     import optax
 
     from dualflow.benchmarks.gradient_noise import (
@@ -149,7 +150,9 @@ def run_model(name: str, F, init_var: float, save=None) -> dict:
     )
     x, y = data.x_train, data.y_train
     if F.max_train:
-        x, y = x[: F.max_train], y[: F.max_train]
+        # A fixed random subset: the files are sorted by class, a prefix is not.
+        keep = np.sort(np.random.default_rng(0).permutation(len(x))[: F.max_train])
+        x, y = x[keep], y[keep]
     n = len(x)
     print(f"[{name}] data: {data.name} ({data.source}), {n} training examples")
     model, desc = _build(name, data, F, init_var)
@@ -192,6 +195,8 @@ def run_model(name: str, F, init_var: float, save=None) -> dict:
                 "name": data.name,
                 "source": data.source,
                 "n_train_used": n,
+                "subset": "fixed random subset (seed 0)" if F.max_train else "all",
+                "class_counts": np.bincount(np.asarray(y), minlength=10).tolist(),
                 "note": data.note,
                 "padded_to": pad if data.name != dataset else None,
             },
@@ -351,8 +356,9 @@ def _markdown(runs: list[dict], result: dict) -> str:
             "",
             f"command: `{run.get('command', 'not recorded')}`",
             "",
-            f"data: {d['name']} ({d['n_train_used']} training examples; {d['source']})"
-            + (f"; {d['note']}" if d["note"] else ""),
+            f"data: {d['name']} ({d['n_train_used']} training examples,"
+            f" {d.get('subset', 'all')}, per class {d.get('class_counts', '?')};"
+            f" {d['source']})" + (f"; {d['note']}" if d["note"] else ""),
             f"device: {run['device']}; wall time {run['wall_seconds']:.0f} s;"
             f" warm start: {run['warm_start']['epochs']} epochs of"
             f" {run['warm_start']['method']}; posterior: {run['posterior']}"

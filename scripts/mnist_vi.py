@@ -352,7 +352,9 @@ def main(argv):
     x, y, xt, yt, dataset, why = _load(F.data_dir or None)
     print(f"data: {dataset} ({len(x)} train / {len(xt)} test); {why}")
     if F.eval_size:
-        xt, yt = xt[: F.eval_size], yt[: F.eval_size]
+        # A fixed random subset: the test files are sorted by class.
+        keep = np.sort(np.random.default_rng(0).permutation(len(xt))[: F.eval_size])
+        xt, yt = xt[keep], yt[keep]
     eval_at = set(range(0, F.iterations + 1, F.eval_every)) | {F.iterations}
     cfg = dict(
         iterations=F.iterations,
