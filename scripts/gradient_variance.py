@@ -320,10 +320,22 @@ def _claims(run: dict) -> dict:
         "bp_vs_det": {},
     }
     for (m, b), r in sorted(by.items()):
-        if m in ("reparam", "local_reparam", "flipout") and r["minibatch_variance"] > 0:
-            out["weight_over_minibatch"].setdefault(m, {})[b] = (
-                r["weight_sampling_variance"] / r["minibatch_variance"]
-            )
+        if m in ("reparam", "local_reparam", "flipout"):
+            # the mini-batch part is a difference of two estimates: a ratio is
+            # only reported where it is resolved (more than 2 standard errors
+            # above 0); otherwise the weight noise over vanilla's variance
+            mb, se = r["minibatch_variance"], r["minibatch_variance_se"]
+            resolved = mb > 2 * se
+            det = by.get(("deterministic", b))
+            out["weight_over_minibatch"].setdefault(m, {})[b] = {
+                "ratio": r["weight_sampling_variance"] / mb if resolved else None,
+                "minibatch_resolved": resolved,
+                "weight_over_deterministic": (
+                    r["weight_sampling_variance"] / det["grad_variance"]
+                    if det and det["grad_variance"] > 0
+                    else None
+                ),
+            }
         if m == "bp" and ("deterministic", b) in by:
             d = by[("deterministic", b)]
             diff, err = r["minus_deterministic"], r["minus_deterministic_se"]
@@ -346,7 +358,9 @@ def _markdown(runs: list[dict], result: dict) -> str:
         "",
         "Trace of the covariance of the one-draw gradient of the per-batch negative"
         " ELBO w.r.t. the weight means, summed over all means; `±` is one bootstrap"
-        " standard error over mini-batches. `mini-batch` + `weight` = `total`.",
+        " standard error over mini-batches. `mini-batch` + `weight` = `total`;"
+        " n/r: the mini-batch part is not resolved (within 2 errors of 0), so"
+        " no ratio is given.",
         "",
     ]
     for run in runs:
@@ -370,7 +384,8 @@ def _markdown(runs: list[dict], result: dict) -> str:
         ]
         for r in run["records"]:
             mb, w = r["minibatch_variance"], r["weight_sampling_variance"]
-            ratio = f"{w / mb:.2f}" if mb > 0 else "-"
+            mb_se = r["minibatch_variance_se"]
+            ratio = f"{w / mb:.2f}" if mb > 2 * mb_se else ("n/r" if w > 0 else "-")
             lines.append(
                 f"| {r['method']} | {r['batch_size']} |"
                 f" {r['grad_variance']:.3e} ± {r['grad_variance_se']:.1e} |"

@@ -86,8 +86,18 @@ def test_convergence_outputs(tmp_path):
         assert r["step_budget"]["val_nll"] < first[m]["val_nll"]
         for budget in ("test_at_step_budget", "test_at_wall_budget"):
             assert r[budget]["accuracy"] > 0.2  # chance: 0.1
+        # test metrics are taken at the same points as the validation figures
+        assert r["test_at_step_budget"]["step"] == doc["step_budget"]
+        assert r["test_at_wall_budget"]["step"] == r["wall_budget"]["step"]
+        assert r["wall_budget"]["train_seconds"] <= doc["wall_budget"]
         assert r["seconds_to_target"] is not None or m == "deterministic"
+        if r["seconds_to_target"] is not None:
+            lo, hi = r["seconds_to_target_bracket"]
+            assert 0.0 <= lo < hi == r["seconds_to_target"]
     assert "bp_over_best_sampler" in s
+    b = s["bp_over_best_sampler"]
+    lo, hi = b["ratio_bounds"]
+    assert (lo is None or lo <= b["ratio"]) and (hi is None or b["ratio"] <= hi)
     assert 0 < s["methods"]["bp"]["test_at_step_budget"]["nll_closed_form"] < 5
     # the summary can be redone from the JSON alone, e.g. for another target
     untrained = max(r["val_nll"] for r in doc["records"] if r["step"] == 0)
