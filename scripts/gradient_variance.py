@@ -371,8 +371,10 @@ def _markdown(runs: list[dict], result: dict) -> str:
             f"command: `{run.get('command', 'not recorded')}`",
             "",
             f"data: {d['name']} ({d['n_train_used']} training examples,"
-            f" {d.get('subset', 'all')}, per class {d.get('class_counts', '?')};"
-            f" {d['source']})" + (f"; {d['note']}" if d["note"] else ""),
+            f" {d.get('subset', 'all')}"
+            + (f", per class {d['class_counts']}" if "class_counts" in d else "")
+            + f"; {d['source']})"
+            + (f"; {d['note']}" if d["note"] else ""),
             f"device: {run['device']}; wall time {run['wall_seconds']:.0f} s;"
             f" warm start: {run['warm_start']['epochs']} epochs of"
             f" {run['warm_start']['method']}; posterior: {run['posterior']}"
