@@ -316,7 +316,7 @@ def _plot(runs: dict, summary: dict, path: str, title: str) -> None:
     for m, run in runs.items():
         recs = run["records"][1:]
         for j, (k, label) in enumerate(cols):
-            ys = [r.get(k, r.get("train_loss")) for r in recs]  # old runs: loss
+            ys = [r[k] for r in recs]
             axes[0, j].plot(
                 [r["epoch"] for r in recs],
                 ys,

@@ -139,7 +139,7 @@ def run_model(name: str, F, init_var: float, save=None) -> dict:
         model_summary_fn,
         paired_difference_se,
     )
-    from dualflow.benchmarks.studies import load_study_data
+    from dualflow.benchmarks.studies import fixed_subset, load_study_data
     from dualflow.nn import Method
     from dualflow.train import fit
 
@@ -150,8 +150,7 @@ def run_model(name: str, F, init_var: float, save=None) -> dict:
     )
     x, y = data.x_train, data.y_train
     if F.max_train:
-        # A fixed random subset: the files are sorted by class, a prefix is not.
-        keep = np.sort(np.random.default_rng(0).permutation(len(x))[: F.max_train])
+        keep = fixed_subset(len(x), min(F.max_train, len(x)))
         x, y = x[keep], y[keep]
     n = len(x)
     print(f"[{name}] data: {data.name} ({data.source}), {n} training examples")
@@ -196,7 +195,9 @@ def run_model(name: str, F, init_var: float, save=None) -> dict:
                 "source": data.source,
                 "n_train_used": n,
                 "subset": "fixed random subset (seed 0)" if F.max_train else "all",
-                "class_counts": np.bincount(np.asarray(y), minlength=10).tolist(),
+                "class_counts": np.bincount(
+                    np.asarray(y), minlength=data.num_classes
+                ).tolist(),
                 "note": data.note,
                 "padded_to": pad if data.name != dataset else None,
             },
@@ -309,6 +310,16 @@ def combine(out: str, command: str) -> dict:
     return result
 
 
+def _weight_over_minibatch(r: dict) -> float | None:
+    """Weight-sampling / mini-batch noise of a record, or None where the
+    mini-batch part (a difference of two estimates) is not resolved: not more
+    than 2 standard errors above 0."""
+    mb = r["minibatch_variance"]
+    if mb > 2 * r["minibatch_variance_se"]:
+        return r["weight_sampling_variance"] / mb
+    return None
+
+
 def _claims(run: dict) -> dict:
     """The paper's two claims per batch size: weight-sampling / mini-batch noise
     of R, L, F; bp minus vanilla with its paired bootstrap error."""
@@ -321,15 +332,13 @@ def _claims(run: dict) -> dict:
     }
     for (m, b), r in sorted(by.items()):
         if m in ("reparam", "local_reparam", "flipout"):
-            # the mini-batch part is a difference of two estimates: a ratio is
-            # only reported where it is resolved (more than 2 standard errors
-            # above 0); otherwise the weight noise over vanilla's variance
-            mb, se = r["minibatch_variance"], r["minibatch_variance_se"]
-            resolved = mb > 2 * se
+            # where the ratio is not resolved, the weight noise over vanilla's
+            # variance still says how large it is
+            ratio = _weight_over_minibatch(r)
             det = by.get(("deterministic", b))
             out["weight_over_minibatch"].setdefault(m, {})[b] = {
-                "ratio": r["weight_sampling_variance"] / mb if resolved else None,
-                "minibatch_resolved": resolved,
+                "ratio": ratio,
+                "minibatch_resolved": ratio is not None,
                 "weight_over_deterministic": (
                     r["weight_sampling_variance"] / det["grad_variance"]
                     if det and det["grad_variance"] > 0
@@ -386,8 +395,8 @@ def _markdown(runs: list[dict], result: dict) -> str:
         ]
         for r in run["records"]:
             mb, w = r["minibatch_variance"], r["weight_sampling_variance"]
-            mb_se = r["minibatch_variance_se"]
-            ratio = f"{w / mb:.2f}" if mb > 2 * mb_se else ("n/r" if w > 0 else "-")
+            q = _weight_over_minibatch(r)
+            ratio = f"{q:.2f}" if q is not None else ("n/r" if w > 0 else "-")
             lines.append(
                 f"| {r['method']} | {r['batch_size']} |"
                 f" {r['grad_variance']:.3e} ± {r['grad_variance_se']:.1e} |"

@@ -339,6 +339,7 @@ def main(argv):
     import jax
     import numpy as np
 
+    from dualflow.benchmarks.studies import fixed_subset
     from dualflow.io import git_commit, write_json_atomic, write_text_atomic
 
     if F.quick:
@@ -352,8 +353,7 @@ def main(argv):
     x, y, xt, yt, dataset, why = _load(F.data_dir or None)
     print(f"data: {dataset} ({len(x)} train / {len(xt)} test); {why}")
     if F.eval_size:
-        # A fixed random subset: the test files are sorted by class.
-        keep = np.sort(np.random.default_rng(0).permutation(len(xt))[: F.eval_size])
+        keep = fixed_subset(len(xt), min(F.eval_size, len(xt)))
         xt, yt = xt[keep], yt[keep]
     eval_at = set(range(0, F.iterations + 1, F.eval_every)) | {F.iterations}
     cfg = dict(

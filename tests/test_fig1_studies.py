@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,3 +111,19 @@ def test_convergence_outputs(tmp_path):
         old = s["methods"][m]["steps_to_target"]
         new = r["steps_to_target"]
         assert new is not None and (old is None or new <= old)  # easier target
+
+
+def test_fixed_subset_is_spread_over_class_sorted_data():
+    from dualflow.benchmarks.studies import fixed_subset
+
+    y = np.repeat(np.arange(10), 400)  # sorted by class, like mnist_5k
+    keep = fixed_subset(len(y), 1024)
+    assert len(np.unique(keep)) == 1024 and np.all(np.diff(keep) > 0)
+    np.testing.assert_array_equal(keep, fixed_subset(len(y), 1024))
+    # per-class counts are hypergeometric: mean 102.4, sd sqrt(1024 * 0.1 * 0.9
+    # * 2976 / 3999) = 8.3; 6 sd bounds fail with probability < 1e-7 per class,
+    # a prefix (400, 400, 224, 0, ...) fails them
+    counts = np.bincount(y[keep], minlength=10)
+    assert counts.min() > 102.4 - 6 * 8.3 and counts.max() < 102.4 + 6 * 8.3
+    with pytest.raises(ValueError, match="subset size"):
+        fixed_subset(10, 0)

@@ -11,7 +11,13 @@ import numpy as np
 from dualflow.data.images import ImageDataset, load_image_dataset
 from dualflow.data.paths import DataNotFoundError, resolve_data_dir
 
-__all__ = ["METHOD_COLORS", "METHOD_LABELS", "StudyData", "load_study_data"]
+__all__ = [
+    "METHOD_COLORS",
+    "METHOD_LABELS",
+    "StudyData",
+    "fixed_subset",
+    "load_study_data",
+]
 
 # one look for every study figure; labels follow Fig. 1 of the duality paper
 METHOD_COLORS = {
@@ -124,3 +130,12 @@ def load_study_data(
         source=data.source,
         note=note,
     )
+
+
+def fixed_subset(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``size`` of ``n`` examples, the same for every call
+    with the same ``seed``.  Use it instead of a prefix: the image files here
+    (e.g. ``mnist_5k``) are sorted by class, so ``x[:size]`` holds few classes."""
+    if not 0 < size <= n:
+        raise ValueError(f"subset size must be in [1, {n}], got {size}.")
+    return np.sort(np.random.default_rng(seed).permutation(n)[:size])
