@@ -16,6 +16,8 @@ Public layout:
   dualflow.metrics        accuracy, NLL, Brier, ECE, RMSE, LL, entropy, MI, AUROC
   dualflow.train          fit(): a small jitted training loop
   dualflow.vi             Monte Carlo ELBO terms of any variational method
+  dualflow.propagation    propagate(fn): any JAX function -> its moment-propagating
+                          version (jaxpr transform); register_rule
 """
 
 from dualflow import (
@@ -27,6 +29,7 @@ from dualflow import (
     objectives,
     optim,
     pgm,
+    propagation,
     smoothing,
     train,
     vi,
@@ -38,12 +41,20 @@ from dualflow.gaussian import (
     set_debug_checks,
     validate,
 )
+from dualflow.propagation import (
+    GaussianDependentControlFlowError,
+    UnsupportedPrimitiveError,
+    propagate,
+    register_rule,
+)
 from dualflow.smoothing import posterior_moments, smoothed_moments
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Gaussian",
+    "GaussianDependentControlFlowError",
+    "UnsupportedPrimitiveError",
     "__version__",
     "as_gaussian",
     "chain",
@@ -56,6 +67,9 @@ __all__ = [
     "optim",
     "pgm",
     "posterior_moments",
+    "propagation",
+    "propagate",
+    "register_rule",
     "set_debug_checks",
     "smoothed_moments",
     "smoothing",
