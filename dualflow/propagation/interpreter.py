@@ -201,12 +201,14 @@ class Interpreter:
         if len({id(vals[i].src) for i in rand}) > 1:
             # A reduction statistic meeting the value it summarises (or an
             # ancestor of it) is a normaliser: held at its mean (see docs).
-            for i in rand:
-                others = frozenset().union(
-                    *(vals[k].ancestors for k in rand if k != i)
-                )
-                if vals[i].stat_of & others:
-                    vals[i] = self.gaussian(vals[i]).mean
+            held = [
+                i
+                for i in rand
+                if vals[i].stat_of
+                & frozenset().union(*(vals[k].ancestors for k in rand if k != i))
+            ]
+            for i in held:
+                vals[i] = self.gaussian(vals[i]).mean
             rand = [i for i, x in enumerate(vals) if isinstance(x, Lazy)]
         if not rand:
             return _bind(eqn, vals)
