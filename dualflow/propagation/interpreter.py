@@ -161,7 +161,9 @@ class Interpreter:
     def apply_rule(self, eqn, invals: list) -> list:
         name = eqn.primitive.name
         outer = self.where
-        self.where = _source_line(eqn)
+        # equations inside library calls (jnp.sort's jit) carry no user frame:
+        # keep the line of the enclosing call
+        self.where = _source_line(eqn) or outer or "<unknown source>"
         try:
             if name in ew.ELEMENTWISE:
                 out = [self.elementwise(eqn, invals)]
@@ -244,7 +246,7 @@ def _source_line(eqn) -> str:
 
         return source_info_util.summarize(eqn.source_info)
     except Exception:  # noqa: BLE001 - best effort for messages
-        return "<unknown source>"
+        return ""
 
 
 # --------------------------------------------------------------------------
@@ -252,6 +254,7 @@ def _source_line(eqn) -> str:
 # --------------------------------------------------------------------------
 _RULES: dict[str, Callable] = {}
 _USER_RULES: dict[str, Callable] = {}
+_BUILTIN_ELEMENTWISE = ew.ELEMENTWISE
 
 
 def _builtin(*names: str):
@@ -303,7 +306,10 @@ def register_rule(primitive, rule: Callable | None = None):
 
 def unregister_rule(primitive) -> None:
     """Remove a rule added with :func:`register_rule` (built-ins stay)."""
-    _USER_RULES.pop(_prim_name(primitive), None)
+    name = _prim_name(primitive)
+    _USER_RULES.pop(name, None)
+    if name in _BUILTIN_ELEMENTWISE:
+        ew.ELEMENTWISE = ew.ELEMENTWISE | {name}
 
 
 def registered_rules() -> dict[str, str]:
