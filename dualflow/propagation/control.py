@@ -142,11 +142,16 @@ def random_outputs(closed, in_mask) -> list[bool]:
     return [get(v) for v in jaxpr.outvars]
 
 
-def _fix_carry(closed, n_before: int, mask_before, carry_mask, n_after_mask):
-    """Least fixed point of the random-carry mask of a loop body."""
+def _fix_carry(closed, mask_before, carry_mask, mask_after):
+    """Least fixed point of the random-carry mask of a loop body.
+
+    The body's inputs are ``(*before, *carry, *after)`` and its first outputs
+    the new carry; a carry is random if it starts random or the body makes it
+    random.  Returns ``(carry mask, output mask)``.
+    """
     mask = list(carry_mask)
     while True:
-        out = random_outputs(closed, [*mask_before, *mask, *n_after_mask])
+        out = random_outputs(closed, [*mask_before, *mask, *mask_after])
         new = [a or b for a, b in zip(mask, out[: len(mask)], strict=True)]
         if new == mask:
             return mask, out
@@ -180,7 +185,7 @@ def _scan(interp: Interpreter, eqn, invals):
     const_mask = [isinstance(c, Gaussian) for c in consts]
     xs_mask = [is_random(x) for x in xs]
     carry_mask, out_mask = _fix_carry(
-        body, nc, const_mask, [is_random(c) for c in init], xs_mask
+        body, const_mask, [is_random(c) for c in init], xs_mask
     )
     out_avals = [v.aval for v in getattr(body, "jaxpr", body).outvars]
     init = _promote(interp, init, carry_mask, out_avals[:nk])
@@ -218,8 +223,10 @@ def _while(interp: Interpreter, eqn, invals):
     init = invals[cn + bn :]
     body, cond = p["body_jaxpr"], p["cond_jaxpr"]
     carry_mask, _ = _fix_carry(
-        body, bn, [isinstance(c, Gaussian) for c in body_consts],
-        [is_random(c) for c in init], [],
+        body,
+        [isinstance(c, Gaussian) for c in body_consts],
+        [is_random(c) for c in init],
+        [],
     )
     cond_rand = random_outputs(
         cond, [*[isinstance(c, Gaussian) for c in cond_consts], *carry_mask]
@@ -265,7 +272,8 @@ def _cond(interp: Interpreter, eqn, invals):
     in_mask = [is_random(x) for x in ops]
     out_mask = [False] * len(eqn.outvars)
     for br in branches:
-        out_mask = [a or b for a, b in zip(out_mask, random_outputs(br, in_mask), strict=True)]
+        br_mask = random_outputs(br, in_mask)
+        out_mask = [a or b for a, b in zip(out_mask, br_mask, strict=True)]
     avals = [v.aval for v in eqn.outvars]
     ops = _boundary(interp, ops)
     mode, backward = interp.mode, interp.backward

@@ -144,6 +144,12 @@ def run_program(prog: Program, a, consts) -> Array:
         return vals[r[1]]
 
     for op in prog.ops:
+        if op.prim.name == "stop_gradient":
+            # Moments are those of the values: identity.  (Binding it made the
+            # program's JVP zero, so mode="linearized" gave var = 0 for
+            # stop_gradient(x); gradients of the moments are not stopped.)
+            vals.append(get(op.refs[0]))
+            continue
         bind_params = op.prim.get_bind_params(op.param_dict)
         out = op.prim.bind(*[get(r) for r in op.refs], **bind_params)
         vals.append(out[0] if op.prim.multiple_results else out)
@@ -190,8 +196,15 @@ def _quadrature_kernel(prog: Program, full, scale: float = 1.0) -> Callable:
         def df1(a):
             return jax.jvp(f1, (a,), (jnp.ones_like(a),))[1]
 
-        f = jax.vmap(f1, in_axes=-1, out_axes=-1)
-        df = jax.vmap(df1, in_axes=-1, out_axes=-1)
+        # The quadrature calls f on nodes [*m.shape, order] (map the node axis
+        # so that constants of the source's shape broadcast) and also on m
+        # itself (its v == 0 branch): there, no axis to map.  (Mapping the
+        # last axis of m broke programs with array constants, e.g. jax.nn.elu.)
+        def on_nodes(g1):
+            vg = jax.vmap(g1, in_axes=-1, out_axes=-1)
+            return lambda a: g1(a) if jnp.ndim(a) == jnp.ndim(m) else vg(a)
+
+        f, df = on_nodes(f1), on_nodes(df1)
         return cf.sinh_quadrature_moments(f, df, m, v, order=48, scale=scale)
 
     return kernel
@@ -302,7 +315,8 @@ def _sym_apply(name: str, params: dict, xs: list, prim, ops_args):
         if inner is None:
             return None
         return _sym_jaxpr(inner, xs)
-    if name in ("convert_element_type", "copy", "copy_p", "reduce_precision"):
+    if name in ("convert_element_type", "copy", "copy_p", "reduce_precision",
+                "stop_gradient"):  # stop_gradient: identity on values (run_program)
         if name == "convert_element_type" and not is_float_dtype(params["new_dtype"]):
             return None
         return xs[0]
@@ -328,6 +342,12 @@ def _sym_apply(name: str, params: dict, xs: list, prim, ops_args):
         if not (isinstance(x, _Aff) and isinstance(y, _Const)):
             return None
         c = y.value
+        # max(x, -inf) = min(x, +inf) = x (jnp.max's initial=-inf, e.g. in
+        # jax.nn.softmax): the relu form would give inf - inf = NaN.
+        if not isinstance(c, jax.core.Tracer) and np.all(
+            np.asarray(c) == (-np.inf if name == "max" else np.inf)
+        ):
+            return x
         if name == "max":  # c + relu(x - c)
             return _NL(c, 0.0, 1.0, "relu", x.P - c, x.R)
         return _NL(x.P, x.R, -1.0, "relu", x.P - c, x.R)  # x - relu(x - c)
@@ -425,7 +445,15 @@ def _reference_functions() -> dict[str, Callable]:
     }
 
 
-_PROBES = np.concatenate([np.linspace(-7.0, 7.0, 57), [-0.3, 0.3, -1.7, 1.7, 9.5]])
+# Probe grid: wide range plus a fine grid near the origin, where the kinks and
+# steps of activations sit (a step at 0.05 differs from heaviside at 0.03).
+_PROBES = np.concatenate(
+    [
+        np.linspace(-7.0, 7.0, 57),
+        np.linspace(-1.5, 1.5, 301),
+        [-0.3137, 0.2718, -1.7, 1.7, 9.5],
+    ]
+)
 
 
 def _identify(prog: Program, consts, dtype) -> tuple[str, float] | None:

@@ -20,12 +20,12 @@ from jax import lax
 from dualflow.gaussian import Gaussian
 from dualflow.moments import combine, linear
 from dualflow.moments import pooling as _pool
+from dualflow.propagation import elementwise as ew
 from dualflow.propagation.interpreter import (
     GaussianDependentControlFlowError,
     UnsupportedPrimitiveError,
     builtin,
 )
-from dualflow.propagation import elementwise as ew
 from dualflow.propagation.values import Lazy, is_random, lazy_of
 
 Array = jax.Array
@@ -310,9 +310,10 @@ def _taps(a: Array, dims, strides, pads, pad_value) -> Array:
     out = [(a.shape[i] - dims[i]) // strides[i] + 1 for i in range(a.ndim)]
     taps = []
     for offs in itertools.product(*[range(d) for d in dims]):
-        start = offs
-        limit = [o + (n - 1) * s + 1 for o, n, s in zip(offs, out, strides, strict=True)]
-        taps.append(lax.slice(a, start, limit, strides))
+        limit = [
+            o + (n - 1) * s + 1 for o, n, s in zip(offs, out, strides, strict=True)
+        ]
+        taps.append(lax.slice(a, offs, limit, strides))
     return jnp.stack(taps, axis=-1)
 
 
