@@ -42,8 +42,13 @@ from dualflow.gaussian import (
     validate,
 )
 from dualflow.propagation import (
+    BayesianFunction,
     GaussianDependentControlFlowError,
     UnsupportedPrimitiveError,
+    from_equinox,
+    from_function,
+    from_linen,
+    from_nnx,
     propagate,
     register_rule,
 )
@@ -52,6 +57,7 @@ from dualflow.smoothing import posterior_moments, smoothed_moments
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BayesianFunction",
     "Gaussian",
     "GaussianDependentControlFlowError",
     "UnsupportedPrimitiveError",
@@ -59,6 +65,10 @@ __all__ = [
     "as_gaussian",
     "chain",
     "debug_checks_enabled",
+    "from_equinox",
+    "from_function",
+    "from_linen",
+    "from_nnx",
     "metrics",
     "models",
     "moments",

@@ -9,6 +9,13 @@ primitive that has none.  Every rule and its assumption: ``docs/propagate.md``.
 
 from dualflow.propagation import control as _control  # noqa: F401  (registers rules)
 from dualflow.propagation import rules as _rules  # noqa: F401  (registers rules)
+from dualflow.propagation.bayes import (
+    BayesianFunction,
+    from_equinox,
+    from_function,
+    from_linen,
+    from_nnx,
+)
 from dualflow.propagation.elementwise import ELEMENTWISE
 from dualflow.propagation.interpreter import (
     GaussianDependentControlFlowError,
@@ -23,11 +30,16 @@ from dualflow.propagation.interpreter import (
 from dualflow.propagation.rules import softmax_moments
 
 __all__ = [
+    "BayesianFunction",
     "ELEMENTWISE",
     "GaussianDependentControlFlowError",
     "Propagated",
     "RuleContext",
     "UnsupportedPrimitiveError",
+    "from_equinox",
+    "from_function",
+    "from_linen",
+    "from_nnx",
     "propagate",
     "register_rule",
     "registered_rules",
