@@ -54,3 +54,21 @@ def test_readme_training_example_runs_and_is_calibrated(capsys):
     conf = float(pred.probs.max(-1).mean())
     assert conf < float(metrics.accuracy(pred.probs, y_test))
     assert "acc" in capsys.readouterr().out
+
+
+def test_readme_make_any_model_bayesian_example_trains_and_is_calibrated():
+    """The "Make any JAX model Bayesian" example: a flax.linen CNN through
+    dualflow.from_linen, trained with bp.  Measured (CPU, seed 0): acc 0.961,
+    ECE 0.038 on 899 test digits; the ECE bound sqrt(15 / (4 n)) = 0.065 is
+    the sampling noise of a calibrated model's ECE with 15 bins."""
+    snippets = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    example = [s for s in snippets if "from_linen" in s]
+    assert example, "README lost its Make-any-JAX-model-Bayesian example"
+    namespace: dict = {}
+    exec(compile(example[0], str(README), "exec"), namespace)  # noqa: S102
+    from dualflow import metrics
+
+    pred, y_test = namespace["pred"], namespace["y_test"]
+    n = len(y_test)
+    assert float(metrics.accuracy(pred.probs, y_test)) > 0.94
+    assert float(metrics.ece(pred.probs, y_test)) < (15 / (4 * n)) ** 0.5
