@@ -411,6 +411,11 @@ def _analyse(prog: Program, consts) -> _Aff | _NL | None:
     return out if isinstance(out, _Aff | _NL) else None
 
 
+def _is_concrete_zero(c) -> bool:
+    """Whether a program coefficient is a known (not traced) scalar 0."""
+    return not isinstance(c, jax.core.Tracer) and np.ndim(c) == 0 and float(c) == 0.0
+
+
 def _form_kernel(coeffs) -> Callable:
     def kernel(m, v, traced):
         s = coeffs(traced)
@@ -422,6 +427,15 @@ def _form_kernel(coeffs) -> Callable:
         s2 = s.q * s.q * v
         mu, s2 = jnp.broadcast_arrays(mu, s2)
         eg, vg, gu = gm(mu, s2)
+        if _is_concrete_zero(s.R):
+            # f = P + Q g(p + q a) (relu = max(a, 0), exp, ...): same values as
+            # below (every g moment function returns var >= 0, so the clamp is
+            # a no-op), without the 0 * m, 0 * v terms and the clamp.  Perf:
+            # with the clamp XLA:CPU re-fused the whole matched relu moment
+            # kernel into each channel-major transpose feeding a conv filter
+            # gradient (matched ResNet-20 train step 2.3x slower than the
+            # hand-written model; issue 17, docs/benchmarks.md).
+            return s.P + s.Q * eg, s.Q * s.Q * vg, s.Q * s.q * gu
         mean = s.P + s.R * m + s.Q * eg
         gain = s.R + s.Q * s.q * gu
         var = s.R * s.R * v + s.Q * s.Q * vg + 2.0 * s.R * s.Q * s.q * v * gu

@@ -210,7 +210,12 @@ class Interpreter:
                 & frozenset().union(*(vals[k].ancestors for k in rand if k != i))
             ]
             for i in held:
-                vals[i] = self.gaussian(vals[i]).mean
+                # The statistic (the Lazy's source) is held at its mean and the
+                # element-wise program applied to it.  (Taking the matched mean
+                # of the program, E[g(stat)], integrated rsqrt over the
+                # Gaussian belief of a positive statistic: NaN for RMSNorm.)
+                lz = vals[i]
+                vals[i] = ew.run_program(lz.prog, lz.src.g.mean, lz.consts)
             rand = [i for i, x in enumerate(vals) if isinstance(x, Lazy)]
         if not rand:
             return _bind(eqn, vals)
