@@ -344,3 +344,72 @@ def test_registered_rule_sees_the_mode_and_overrides_fusion():
         unregister_rule("sin")
     out = dualflow.propagate(jnp.sin, mode="matched")(x)  # built-in again
     _close(out.mean, jnp.sin(0.5) * jnp.exp(-0.05), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# dependence rules: regressions from the second reading
+# --------------------------------------------------------------------------
+def test_pooled_branch_meeting_another_branch_keeps_its_variance(x64):
+    """A global-average-pool branch added to another branch of the same input is
+    not a normaliser: the sum is of independent branches (variances add)."""
+    k = jax.random.split(jax.random.key(0), 2)
+    w1 = jax.random.normal(k[0], (4, 6), jnp.float64)
+    w2 = 0.3 * jax.random.normal(k[1], (4, 3), jnp.float64)
+    x = Gaussian(jnp.ones((2, 4)), jnp.full((2, 4), 0.05))
+
+    def pooled(x):
+        return jnp.mean(jax.nn.relu(x @ w1), -1, keepdims=True)
+
+    out = dualflow.propagate(lambda x: pooled(x) + x @ w2)(x)
+    pv = dualflow.propagate(pooled)(x).var
+    sv = dualflow.propagate(lambda x: x @ w2)(x).var
+    assert np.all(pv > 0)
+    _close(out.var, pv + sv, rtol=1e-12)
+
+
+def test_layernorm_statistics_are_held_but_a_sum_meeting_a_slice_is_not(x64):
+    x = Gaussian(jnp.asarray([0.5, -0.3, 1.0, 0.2]), jnp.full(4, 0.01))
+
+    def layernorm(x):
+        mu = x.mean()
+        return (x - mu) / jnp.sqrt(((x - mu) ** 2).mean() + 1e-6)
+
+    out = dualflow.propagate(layernorm)(x)
+    mu = x.mean.mean()
+    s = jnp.sqrt(((x.mean - mu) ** 2).mean() + 1e-6)
+    _close(out.mean, (x.mean - mu) / s, rtol=1e-12)
+    _close(out.var, x.var / s**2, rtol=1e-12)  # affine with held statistics
+    f = dualflow.propagate(lambda x: jnp.sum(jnp.tanh(x)) + jnp.sin(x[0]))
+    total = f(x).var
+    parts = dualflow.propagate(lambda x: jnp.sum(jnp.tanh(x)))(x).var
+    parts = parts + dualflow.propagate(lambda x: jnp.sin(x[0]))(x).var
+    _close(total, parts, rtol=1e-12)
+
+
+def test_functions_of_statistics_stay_finite_in_matched_mode(x64):
+    x = _g(jax.random.key(2), (2, 5), var=0.2).astype(jnp.float64)
+    for fn in (lambda v: jnp.std(v, -1), lambda v: jnp.linalg.norm(v, axis=-1)):
+        out = dualflow.propagate(fn, mode="matched")(x)
+        assert np.all(np.isfinite(out.mean)) and np.all(np.isfinite(out.var))
+        assert np.all(out.var > 0)
+
+
+def test_unhashable_static_arguments_are_traced_every_call():
+    calls = []
+
+    class Config:  # unhashable: __eq__ without __hash__
+        def __init__(self, scale):
+            self.scale = scale
+
+        def __eq__(self, other):
+            return self.scale == other.scale
+
+    def fn(w, cfg):
+        calls.append(cfg.scale)
+        return w * cfg.scale
+
+    f = dualflow.propagate(fn)
+    w = _g(jax.random.key(0), (3,))
+    _close(f(w, Config(2.0)).mean, 2.0 * w.mean)
+    _close(f(w, Config(3.0)).mean, 3.0 * w.mean)
+    assert calls == [2.0, 3.0]

@@ -470,11 +470,34 @@ _PROBES = np.concatenate(
 )
 
 
+def _has_nested_jit(ops) -> bool:
+    """Whether a program (or a custom_jvp body in it) binds a shape-specific
+    ``jit`` (re-binding it on the probe grid fails and XLA logs the error)."""
+    for op in ops:
+        if op.prim.name in ("jit", "pjit"):
+            return True
+        body = op.param_dict.get("call_jaxpr")
+        if body is not None and _jaxpr_has_jit(body):
+            return True
+    return False
+
+
+def _jaxpr_has_jit(closed) -> bool:
+    jaxpr = getattr(closed, "jaxpr", closed)
+    for e in jaxpr.eqns:
+        if e.primitive.name in ("jit", "pjit"):
+            return True
+        body = e.params.get("call_jaxpr")
+        if body is not None and _jaxpr_has_jit(body):
+            return True
+    return False
+
+
 def _identify(prog: Program, consts, dtype) -> tuple[str, float] | None:
     """Name (and leaky slope) of the dualflow activation equal to the program."""
     if any(isinstance(c, jax.core.Tracer) for c in consts):
         return None
-    if any(np.size(c) != 1 for c in consts):
+    if any(np.size(c) != 1 for c in consts) or _has_nested_jit(prog.ops):
         return None
     try:
         with jax.ensure_compile_time_eval():
@@ -557,7 +580,11 @@ def materialize(lz: Lazy, mode: str, backward: str) -> Node:
     consts = lz.consts
     traced, full = _split_consts(consts)
     affine = is_affine(lz.prog, consts)
-    if affine or mode == "linearized":
+    # Functions of a reduction statistic (sqrt of a sum of squares: jnp.std,
+    # jnp.linalg.norm) are linearised in both modes: a statistic is a sum of
+    # many terms with a small relative spread, and integrating sqrt/log over
+    # its Gaussian belief would reach outside their domain (NaN).
+    if affine or mode == "linearized" or lz.src.stat_of:
         kernel = _linearized_kernel(lz.prog, full)
     else:
         kernel = _matched_kernel(lz.prog, consts, full, m.dtype)
@@ -567,7 +594,7 @@ def materialize(lz: Lazy, mode: str, backward: str) -> Node:
         mean, var = _bp_call(kernel, traced, m, v)
     mean = mean.astype(lz.dtype)
     var = var.astype(lz.dtype)
-    node = Node.new(Gaussian(mean, var), (lz.src,), lz.src.stat_of)
+    node = Node.new(Gaussian(mean, var), (lz.src,), lz.src.stat_of, same_of=lz.src)
     lz.cache["node"] = node
     return node
 

@@ -114,20 +114,24 @@ class Interpreter:
         *,
         stat: bool = False,
         keep_stat: bool = True,
+        same: bool = False,
     ) -> Node:
         """A node derived from ``parents`` (random interpreter values).
 
         ``stat=True``: the node is a reduction statistic of its parents.
         ``keep_stat``: whether statistics stay statistics through this map
         (structural and linear maps: yes; weight layers: no).
+        ``same=True``: the node is the same value as its one parent (a reshape
+        or broadcast), for the normaliser rule.
         """
         ps = [p.src if isinstance(p, Lazy) else p for p in parents if is_random(p)]
         stat_of: frozenset = frozenset()
         if keep_stat:
             stat_of = stat_of.union(*(p.stat_of for p in ps))
         if stat:
-            stat_of = stat_of.union(*(p.ancestors for p in ps))
-        return Node.new(g, ps, stat_of)
+            stat_of = stat_of.union(*(p.same_value for p in ps))
+        same_of = ps[0] if same and len(ps) == 1 else None
+        return Node.new(g, ps, stat_of, same_of=same_of)
 
     def rule_context(self) -> RuleContext:
         return RuleContext(self.mode, self.backward, self.where)
@@ -198,16 +202,20 @@ class Interpreter:
     # -- element-wise equations -------------------------------------------
     def elementwise(self, eqn, invals: list):
         aval = eqn.outvars[0].aval
+        ratio = self._ratio_to_own_sum(eqn, invals)
+        if ratio is not None:
+            return ratio
         vals = [lazy_of(x) if isinstance(x, Node) else x for x in invals]
         rand = [i for i, x in enumerate(vals) if isinstance(x, Lazy)]
         if len({id(vals[i].src) for i in rand}) > 1:
             # A reduction statistic meeting the value it summarises (or an
-            # ancestor of it) is a normaliser: held at its mean (see docs).
+            # element-wise function / reshape of it) is a normaliser: held at
+            # its mean (see docs).
             held = [
                 i
                 for i in rand
                 if vals[i].stat_of
-                & frozenset().union(*(vals[k].ancestors for k in rand if k != i))
+                & frozenset().union(*(vals[k].same_value for k in rand if k != i))
             ]
             for i in held:
                 # The statistic (the Lazy's source) is held at its mean and the
@@ -222,6 +230,21 @@ class Interpreter:
         if len({id(vals[i].src) for i in rand}) == 1:
             return ew.fuse(eqn.primitive, eqn.params, vals, aval.shape, aval.dtype)
         return self._independent(eqn, vals)
+
+    def _ratio_to_own_sum(self, eqn, invals: list):
+        """``x / broadcast(reduce_sum(x))`` (an inlined ``jax.nn.softmax``):
+        the linearised ratio rule of :func:`rules.ratio_to_own_sum`, or ``None``."""
+        if eqn.primitive.name != "div" or not all(is_random(v) for v in invals):
+            return None
+        num, den = invals
+        if not isinstance(den, Node) or den.sum_of is None:
+            return None
+        x = num if isinstance(num, Node) else num.cache.get("node")
+        if x is None or x.id != den.sum_of:
+            return None
+        from dualflow.propagation.rules import ratio_to_own_sum
+
+        return self.new(ratio_to_own_sum(x.g, den.g), [x, den])
 
     def _independent(self, eqn, vals: list):
         """Element-wise op on values of *different* Gaussians (independent)."""
@@ -345,12 +368,16 @@ def _leaf_spec(x):
     )
 
 
+class _Uncacheable:
+    """Marks a static leaf that cannot be hashed: the call is traced afresh."""
+
+
 def _static_key(x):
     try:
         hash(x)
         return ("s", x)
     except TypeError:
-        return ("s_id", id(x))
+        return ("s_unhashable", _Uncacheable())
 
 
 def _check_gaussian(g: Gaussian, path) -> None:
@@ -401,14 +428,15 @@ class Propagated:
             else:
                 kinds.append(_static_key(leaf))
         key = (treedef, tuple(kinds))
-        hit = self._cache.get(key)
+        cacheable = not any(k[0] == "s_unhashable" for k in kinds)
+        hit = self._cache.get(key) if cacheable else None
         if hit is None:
             hit = self._make_jaxpr(treedef, leaves, kinds, specs)
+        if cacheable:
             self._cache[key] = hit
+            self._cache.move_to_end(key)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
         closed, out_tree = hit
         dyn = [
             leaf

@@ -152,6 +152,12 @@ _SUMS = frozenset({"reduce_sum", "cumsum", "reduce_window_sum", "scatter-add",
                    "scatter_add"})
 # Reductions whose output is a statistic of its input (normaliser rule).
 _STATS = frozenset({"reduce_sum"})
+# Maps after which a value is still "the same value" for the normaliser rule
+# (every entry kept, none mixed): not slices or gathers, which pick entries.
+_SAME = frozenset(
+    {"broadcast_in_dim", "reshape", "transpose", "squeeze", "expand_dims", "copy",
+     "copy_p", "rev"}
+)
 
 
 def _structural(interp, eqn, invals):
@@ -171,9 +177,9 @@ def _structural(interp, eqn, invals):
     for i, x in enumerate(invals):
         if i in data:
             if is_random(x):
-                g = interp.gaussian(x)
-                means[i], vars_[i] = g.mean, g.var
-                rand.append(x)
+                node = interp.node(x)
+                means[i], vars_[i] = node.g.mean, node.g.var
+                rand.append(node)
             else:
                 means[i] = x
                 vars_[i] = jnp.zeros(jnp.shape(x), jnp.result_type(x))
@@ -192,7 +198,27 @@ def _structural(interp, eqn, invals):
             interp.new(Gaussian(m, v), rand, stat=stat)
             for m, v in zip(mean, var, strict=True)
         ]
-    return interp.new(Gaussian(mean, var), rand, stat=stat)
+    out = interp.new(Gaussian(mean, var), rand, stat=stat, same=name in _SAME)
+    if len(rand) == 1 and name in ("reduce_sum", "broadcast_in_dim"):
+        src = interp.node(rand[0])
+        out.sum_of = src.id if name == "reduce_sum" else src.sum_of
+    return out
+
+
+def ratio_to_own_sum(x: Gaussian, total: Gaussian) -> Gaussian:
+    """``y = x / S`` with ``S = sum_j x_j`` over some axes (softmax's normaliser).
+
+    Linearised in all of ``x`` (entries independent): with ``p = m / S_m``,
+    ``dy_i/dx_j = (delta_ij - p_i) / S_m``, so
+    ``var_i = (P_i (1 - 2 p_i) + p_i^2 sum_j P_j) / S_m^2``.  ``total`` is the
+    sum's belief, broadcastable to ``x`` (``mean = S_m``, ``var = sum P``).
+    For ``x = exp(a - c)`` this is the linearised softmax of
+    :func:`softmax_moments`.
+    """
+    s = total.mean
+    p = x.mean / s
+    var = (x.var * (1.0 - 2.0 * p) + p * p * total.var) / (s * s)
+    return Gaussian(p, jnp.maximum(var, 0.0))
 
 
 for _name in _DATA_ARGS:
@@ -277,7 +303,9 @@ def _reduce_max(interp, eqn, invals):
     mp = jnp.transpose(sign * g.mean, perm).reshape(shape)
     vp = jnp.transpose(g.var, perm).reshape(shape)
     out = _smooth_max_last(interp, mp, vp)
-    return interp.new(Gaussian(sign * out.mean, out.var), [x], stat=True)
+    return interp.new(
+        Gaussian(sign * out.mean, out.var), [interp.node(x)], stat=True
+    )
 
 
 @builtin("reduce_window_max", "reduce_window_min")

@@ -51,18 +51,32 @@ class Node:
       ancestors: ids of every node this one was derived from, itself included.
       stat_of: ids of nodes this value is a reduction statistic of (empty for
         values that are not statistics).
+      same_value: ids of the nodes this one is an element-wise function,
+        reshape or broadcast of (itself included): "the same value" for the
+        normaliser rule.
+      sum_of: for a ``reduce_sum`` (possibly broadcast back), the id of the node
+        it sums (the ratio-to-own-sum rule of softmax).
     """
 
     g: Gaussian
     id: int
     ancestors: frozenset
     stat_of: frozenset
+    same_value: frozenset = frozenset()
+    sum_of: int | None = None  # id of the node this is a (broadcast) sum of
 
     @classmethod
-    def new(cls, g: Gaussian, parents=(), stat_of=frozenset()) -> Node:
+    def new(
+        cls, g: Gaussian, parents=(), stat_of=frozenset(), same_of=None
+    ) -> Node:
+        """A node derived from ``parents``; ``same_of``: the parent this one is
+        an element-wise function, reshape or broadcast of (if any)."""
         i = next(_ids)
         anc = frozenset({i}).union(*(p.ancestors for p in parents))
-        return cls(g, i, anc, frozenset(stat_of))
+        same = frozenset({i})
+        if same_of is not None:
+            same = same | same_of.same_value
+        return cls(g, i, anc, frozenset(stat_of), same)
 
     @property
     def shape(self):
@@ -125,6 +139,10 @@ class Lazy:
     @property
     def stat_of(self) -> frozenset:
         return self.src.stat_of
+
+    @property
+    def same_value(self) -> frozenset:
+        return self.src.same_value
 
 
 def is_random(x) -> bool:
