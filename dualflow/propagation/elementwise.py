@@ -37,6 +37,7 @@ Affine programs use plain autodiff (it is the exact transpose; BP == autodiff).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -47,6 +48,12 @@ from jax.scipy.special import ndtr
 from dualflow.gaussian import Gaussian
 from dualflow.moments import _closed_forms as cf
 from dualflow.moments import activations as acts
+from dualflow.propagation.piecewise import (
+    PiecewiseLinear,
+    pl_max_const,
+    pl_moments,
+    relu_term,
+)
 from dualflow.propagation.values import (
     Lazy,
     Node,
@@ -280,8 +287,25 @@ class _Const:
         self.value = value
 
 
+def _as_pl(x) -> PiecewiseLinear | None:
+    """A relu-form or affine symbolic value as a piecewise-linear one (concrete)."""
+    if isinstance(x, PiecewiseLinear):
+        return x
+    if isinstance(x, _NL) and x.g == "relu":
+        return relu_term(x.P, x.R, x.Q, x.p, x.q)
+    if isinstance(x, _Aff | _Const):
+        P, R = (x.P, x.R) if isinstance(x, _Aff) else (x.value, 0.0)
+        return relu_term(P, R, 0.0, 0.0, 0.0)
+    return None
+
+
 def _lin_combo(x, y, sign):
     """``x + sign * y`` for symbolic values; ``None`` where not representable."""
+    if isinstance(x, PiecewiseLinear) or isinstance(y, PiecewiseLinear) or (
+        isinstance(x, _NL) and isinstance(y, _NL)
+    ):
+        px, py = _as_pl(x), _as_pl(y)
+        return None if px is None or py is None else px + py.scaled(sign)
     if isinstance(y, _Const):
         y = _Aff(y.value, 0.0)
     if isinstance(x, _Const):
@@ -301,6 +325,11 @@ def _scale(x, c):
         return _Aff(c * x.P, c * x.R)
     if isinstance(x, _NL):
         return x.scaled(c)
+    if isinstance(x, PiecewiseLinear):
+        try:
+            return x.scaled(float(np.asarray(c)))
+        except (TypeError, jax.errors.ConcretizationTypeError, ValueError):
+            return None
     return None
 
 
@@ -339,6 +368,16 @@ def _sym_apply(name: str, params: dict, xs: list, prim, ops_args):
         x, y = xs
         if isinstance(x, _Const):
             x, y = y, x
+        if isinstance(y, _Const) and isinstance(x, _NL | PiecewiseLinear):
+            # a max/min of a relu form: piecewise linear with several kinks
+            px = _as_pl(x)
+            try:
+                c = float(np.asarray(y.value))
+            except (TypeError, jax.errors.ConcretizationTypeError, ValueError):
+                return None
+            if px is None or not math.isfinite(c):
+                return None
+            return pl_max_const(px, c, name == "max")
         if not (isinstance(x, _Aff) and isinstance(y, _Const)):
             return None
         c = y.value
@@ -408,7 +447,7 @@ def _analyse(prog: Program, consts) -> _Aff | _NL | None:
             return None
         vals.append(_sym_apply(op.prim.name, op.param_dict, xs, op.prim, None))
     out = sym(prog.out)
-    return out if isinstance(out, _Aff | _NL) else None
+    return out if isinstance(out, _Aff | _NL | PiecewiseLinear) else None
 
 
 def _is_concrete_zero(c) -> bool:
@@ -421,6 +460,8 @@ def _form_kernel(coeffs) -> Callable:
         s = coeffs(traced)
         if isinstance(s, _Aff):
             return s.P + s.R * m, s.R * s.R * v, s.R * jnp.ones_like(m)
+        if isinstance(s, PiecewiseLinear):
+            return pl_moments(s, m, v)
         g = s.g
         gm = _pow_moments(g[1]) if isinstance(g, tuple) else _G_MOMENTS[g]
         mu = s.p + s.q * m
