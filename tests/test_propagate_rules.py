@@ -288,13 +288,12 @@ KINKED = {  # name: (function, scalar float64 version, kinks)
 
 KINKED_XFAIL = pytest.mark.xfail(
     strict=True,
-    reason="not covered: hard_tanh is written with jnp.where (a select between"
-    " constants and x, not max/min) and tanh(relu(x)) is a smooth function of a"
-    " kink; both fall to the generic 48-point sinh quadrature, whose gain"
-    " sum w f'(a) has an O(h) error at the jump of f' (nodes do not straddle"
-    " the kink), inherited by the Stein variance split: variance errors of"
-    " 10% (hard_tanh) and 13% (tanh(relu)).  max/min chains (relu6, clip) have"
-    " the exact piecewise-linear rule (dualflow/propagation/piecewise.py).",
+    reason="not covered: tanh(relu(x)) is a smooth function of a kink, not"
+    " piecewise linear; it falls to the generic 48-point sinh quadrature, whose"
+    " gain sum w f'(a) has an O(h) error at the jump of f' (nodes do not"
+    " straddle the kink), inherited by the Stein variance split: 13% variance"
+    " error.  Piecewise-linear programs (relu6, clip, hard_tanh's jnp.where"
+    " chain) have the exact rule of dualflow/propagation/piecewise.py.",
 )
 
 
@@ -303,7 +302,7 @@ KINKED_XFAIL = pytest.mark.xfail(
     [
         "relu6",
         "clip",
-        pytest.param("hard_tanh", marks=KINKED_XFAIL),
+        "hard_tanh",
         pytest.param("tanh_of_relu", marks=KINKED_XFAIL),
     ],
 )

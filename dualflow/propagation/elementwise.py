@@ -52,6 +52,7 @@ from dualflow.propagation.piecewise import (
     PiecewiseLinear,
     pl_max_const,
     pl_moments,
+    pl_select,
     relu_term,
 )
 from dualflow.propagation.values import (
@@ -139,6 +140,16 @@ def fuse(prim, params: dict, invals: list, shape, dtype) -> Lazy:
     return Lazy(src, Program(tuple(ops), out), tuple(consts), tuple(shape), dtype)
 
 
+def _broadcast_scalars(args: list) -> list:
+    """0-d constants (scalars kept from ``jnp.where``'s broadcasts) broadcast
+    to the shape of the array operands (``select_n`` needs equal shapes)."""
+    shapes = [jnp.shape(x) for x in args if jnp.ndim(x) > 0]
+    if not shapes or all(jnp.ndim(x) > 0 for x in args):
+        return args
+    shape = jnp.broadcast_shapes(*shapes)
+    return [jnp.broadcast_to(x, shape) if jnp.ndim(x) == 0 else x for x in args]
+
+
 def run_program(prog: Program, a, consts) -> Array:
     """Evaluate the program at ``a`` (same shape as the source, or broadcast)."""
     vals: list = []
@@ -158,7 +169,8 @@ def run_program(prog: Program, a, consts) -> Array:
             vals.append(get(op.refs[0]))
             continue
         bind_params = op.prim.get_bind_params(op.param_dict)
-        out = op.prim.bind(*[get(r) for r in op.refs], **bind_params)
+        args = _broadcast_scalars([get(r) for r in op.refs])
+        out = op.prim.bind(*args, **bind_params)
         vals.append(out[0] if op.prim.multiple_results else out)
     return get(prog.out)
 
@@ -282,6 +294,30 @@ class _NL:
         return _NL(c * self.P, c * self.R, c * self.Q, self.g, self.p, self.q)
 
 
+class _Cmp:
+    """A comparison of the source with a threshold: true for ``a > t``
+    (``right``) or ``a < t`` (ties have probability 0)."""
+
+    def __init__(self, t: float, right: bool):
+        self.t, self.right = t, right
+
+
+def _sym_compare(name: str, x, y):
+    if isinstance(x, _Const) and isinstance(y, _Aff):  # c > x  <=>  x < c
+        x, y = y, x
+        name = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge"}[name]
+    if not (isinstance(x, _Aff) and isinstance(y, _Const)):
+        return None
+    try:
+        p, q, c = (float(np.asarray(t)) for t in (x.P, x.R, y.value))
+    except (TypeError, jax.errors.ConcretizationTypeError, ValueError):
+        return None
+    if q == 0.0:
+        return None
+    greater = name in ("gt", "ge")  # p + q a > c  <=>  a > (c - p) / q if q > 0
+    return _Cmp((c - p) / q, greater == (q > 0))
+
+
 class _Const:
     def __init__(self, value):
         self.value = value
@@ -364,6 +400,16 @@ def _sym_apply(name: str, params: dict, xs: list, prim, ops_args):
         return None
     if name == "div" and isinstance(xs[1], _Const):
         return _scale(xs[0], 1.0 / xs[1].value)
+    if name in ("gt", "ge", "lt", "le"):
+        return _sym_compare(name, *xs)
+    if name == "select_n" and len(xs) == 3 and isinstance(xs[0], _Cmp):
+        pred, false, true = xs
+        fp, tp = _as_pl(false), _as_pl(true)
+        if fp is None or tp is None:
+            return None
+        if pred.right:  # true for a > t
+            return pl_select(fp, tp, pred.t)
+        return pl_select(tp, fp, pred.t)
     if name in ("max", "min"):
         x, y = xs
         if isinstance(x, _Const):
@@ -431,7 +477,16 @@ def _sym_jaxpr(closed, xs):
     return read(jaxpr.outvars[0])
 
 
-def _analyse(prog: Program, consts) -> _Aff | _NL | None:
+def _analyse(prog: Program, consts):
+    """Symbolic form of the program (affine, one-nonlinearity template,
+    piecewise linear) or ``None``.  Coefficient arithmetic on concrete
+    constants is done at trace time, so the forms that need concrete
+    coefficients are found under an outer ``jit`` too."""
+    with jax.ensure_compile_time_eval():
+        return _analyse_ops(prog, consts)
+
+
+def _analyse_ops(prog: Program, consts):
     vals: list = []
 
     def sym(r):

@@ -88,6 +88,9 @@ class Interpreter:
         self.mode = mode
         self.backward = backward
         self.where = ""
+        # plain arrays known to be a broadcast/cast of a concrete scalar
+        # (jnp.where's constants): id -> (array kept alive, scalar value)
+        self.scalars: dict[int, tuple] = {}
 
     # -- conversions ---------------------------------------------------------
     def node(self, x) -> Node:
@@ -147,11 +150,17 @@ class Interpreter:
             invals = [_read(env, v) for v in eqn.invars]
             if any(is_random(x) for x in invals):
                 outs = self.apply_rule(eqn, invals)
+            elif _foldable(eqn, invals):
+                # small constants (a literal broadcast or cast by jnp.where /
+                # jnp.clip) stay concrete under an outer jit, so the rules that
+                # need concrete coefficients (piecewise-linear, identification)
+                # see them
+                with jax.ensure_compile_time_eval():
+                    outs = _bind_all(eqn, invals)
+                self._note_scalar(eqn, invals, outs)
             else:
-                bind_params = eqn.primitive.get_bind_params(eqn.params)
-                outs = eqn.primitive.bind(*invals, **bind_params)
-                if not eqn.primitive.multiple_results:
-                    outs = [outs]
+                outs = _bind_all(eqn, invals)
+                self._note_scalar(eqn, invals, outs)
             for var, val in zip(eqn.outvars, outs, strict=True):
                 if not _is_dropvar(var):
                     env[var] = val
@@ -228,8 +237,29 @@ class Interpreter:
         if not rand:
             return _bind(eqn, vals)
         if len({id(vals[i].src) for i in rand}) == 1:
+            vals = [v if isinstance(v, Lazy) else self._as_scalar(v) for v in vals]
             return ew.fuse(eqn.primitive, eqn.params, vals, aval.shape, aval.dtype)
         return self._independent(eqn, vals)
+
+    def _note_scalar(self, eqn, invals, outs) -> None:
+        """Remember a broadcast/cast of a concrete scalar (kept as the scalar
+        when it enters an element-wise program)."""
+        if eqn.primitive.name not in ("broadcast_in_dim", "convert_element_type"):
+            return
+        x = invals[0]
+        known = self.scalars.get(id(x))
+        if known is not None and known[0] is x:
+            value = known[1]
+        elif np.ndim(x) == 0 and not isinstance(x, jax.core.Tracer):
+            value = x
+        else:
+            return
+        out = outs[0]
+        self.scalars[id(out)] = (out, np.asarray(value, out.dtype))
+
+    def _as_scalar(self, x):
+        known = self.scalars.get(id(x))
+        return x if known is None or known[0] is not x else known[1]
 
     def _ratio_to_own_sum(self, eqn, invals: list):
         """``x / broadcast(reduce_sum(x))`` (an inlined ``jax.nn.softmax``):
@@ -251,6 +281,28 @@ class Interpreter:
         from dualflow.propagation.rules import independent_elementwise
 
         return independent_elementwise(self, eqn, vals)
+
+
+_FOLD_MAX_SIZE = 1024
+
+
+def _foldable(eqn, invals) -> bool:
+    """Whether a deterministic equation can be evaluated at trace time: every
+    input concrete, small outputs, no effects, no sub-jaxpr (no compile)."""
+    if eqn.effects or any(isinstance(x, jax.core.Tracer) for x in invals):
+        return False
+    if any(hasattr(v, "jaxpr") or hasattr(v, "eqns") for v in eqn.params.values()):
+        return False
+    for v in eqn.outvars:
+        aval = v.aval
+        if not hasattr(aval, "shape") or int(np.prod(aval.shape)) > _FOLD_MAX_SIZE:
+            return False
+    return True
+
+
+def _bind_all(eqn, invals) -> list:
+    outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+    return list(outs) if eqn.primitive.multiple_results else [outs]
 
 
 def _read(env, v):

@@ -28,7 +28,7 @@ from jax.scipy.special import ndtr
 
 from dualflow.moments import _closed_forms as cf
 
-__all__ = ["PiecewiseLinear", "pl_max_const", "pl_moments", "relu_term"]
+__all__ = ["PiecewiseLinear", "pl_max_const", "pl_moments", "pl_select", "relu_term"]
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -91,6 +91,21 @@ def pl_max_const(x: PiecewiseLinear, c: float, is_max: bool) -> PiecewiseLinear 
         out = pl_max_const(x.scaled(-1.0), -c, not is_max)
         return None if out is None else out.scaled(-1.0)
     return None
+
+
+def pl_select(left: PiecewiseLinear, right: PiecewiseLinear, t: float):
+    """``left(a)`` for ``a < t``, ``right(a)`` for ``a > t`` (``jnp.where`` of a
+    comparison with a threshold): piecewise linear when continuous at ``t``,
+    else ``None``.  With ``D = right - left`` (``D(t) = 0``):
+    ``f = left + D'(t+) relu(a - t) + sum_{c_k > t} w_k^D relu(a - c_k)``."""
+    d = right + left.scaled(-1.0)
+    scale = 1.0 + abs(left(t)) + abs(right(t))
+    if abs(d(t)) > 1e-9 * scale:
+        return None
+    terms = ((d.slope_right_of(t), t),) + tuple(
+        (w, k) for w, k in d.terms if k > t and w != 0.0
+    )
+    return left + PiecewiseLinear(0.0, 0.0, terms)
 
 
 def _max_increasing(x, c, ks, slopes) -> PiecewiseLinear | None:
