@@ -369,7 +369,7 @@ def _scale(x, c):
     return None
 
 
-def _sym_apply(name: str, params: dict, xs: list, prim, ops_args):
+def _sym_apply(name: str, params: dict, xs: list, prim):
     """Symbolic value of one equation (see module doc)."""
     if all(isinstance(x, _Const) for x in xs):
         bp = prim.get_bind_params(params)
@@ -468,7 +468,7 @@ def _sym_jaxpr(closed, xs):
         ins = [read(v) for v in eqn.invars]
         if any(x is None for x in ins):
             return None
-        out = _sym_apply(eqn.primitive.name, eqn.params, ins, eqn.primitive, None)
+        out = _sym_apply(eqn.primitive.name, eqn.params, ins, eqn.primitive)
         if out is None:
             return None
         env[eqn.outvars[0]] = out
@@ -500,7 +500,7 @@ def _analyse_ops(prog: Program, consts):
         xs = [sym(r) for r in op.refs]
         if any(x is None for x in xs):
             return None
-        vals.append(_sym_apply(op.prim.name, op.param_dict, xs, op.prim, None))
+        vals.append(_sym_apply(op.prim.name, op.param_dict, xs, op.prim))
     out = sym(prog.out)
     return out if isinstance(out, _Aff | _NL | PiecewiseLinear) else None
 
@@ -566,25 +566,19 @@ _PROBES = np.concatenate(
 )
 
 
-def _has_nested_jit(ops) -> bool:
-    """Whether a program (or a custom_jvp body in it) binds a shape-specific
-    ``jit`` (re-binding it on the probe grid fails and XLA logs the error)."""
-    for op in ops:
-        if op.prim.name in ("jit", "pjit"):
+def _has_nested_jit(steps) -> bool:
+    """Whether program ops (or equations), or a custom_jvp body in them, bind a
+    shape-specific ``jit`` (re-binding it on the probe grid fails and XLA logs
+    the error)."""
+    for step in steps:
+        if isinstance(step, Op):
+            name, params = step.prim.name, step.param_dict
+        else:  # a jaxpr equation
+            name, params = step.primitive.name, step.params
+        if name in ("jit", "pjit"):
             return True
-        body = op.param_dict.get("call_jaxpr")
-        if body is not None and _jaxpr_has_jit(body):
-            return True
-    return False
-
-
-def _jaxpr_has_jit(closed) -> bool:
-    jaxpr = getattr(closed, "jaxpr", closed)
-    for e in jaxpr.eqns:
-        if e.primitive.name in ("jit", "pjit"):
-            return True
-        body = e.params.get("call_jaxpr")
-        if body is not None and _jaxpr_has_jit(body):
+        body = params.get("call_jaxpr")
+        if body is not None and _has_nested_jit(getattr(body, "jaxpr", body).eqns):
             return True
     return False
 

@@ -337,7 +337,7 @@ _USER_RULES: dict[str, Callable] = {}
 _BUILTIN_ELEMENTWISE = ew.ELEMENTWISE
 
 
-def _builtin(*names: str):
+def builtin(*names: str):
     """Register an internal rule ``rule(interp, eqn, invals) -> out``."""
 
     def deco(fn):
@@ -569,5 +569,3 @@ def propagate(
         raise TypeError(f"propagate: expected a callable, got {type(fn).__name__}.")
     return Propagated(fn, mode, backward, int(cache_size))
 
-
-builtin = _builtin
