@@ -17,6 +17,7 @@ from flax import nnx
 
 import dualflow
 from dualflow.benchmarks.models import TINY, TINY_INPUT_SHAPE, TINY_RESIDUAL
+from dualflow.benchmarks.propagate import gaussian_tree
 from dualflow.gaussian import Gaussian
 from dualflow.nn.context import Context, Method
 
@@ -30,19 +31,6 @@ def _build(family):
     if family == "efficientnet":
         kw["dropout"] = 0.0  # dropout is an identity in the mean network
     return TINY[family](False, nnx.Rngs(0), **kw)
-
-
-def _gaussian_leaves(pure: dict) -> dict:
-    """``<name>_mean`` leaves -> Gaussian(mean, exp(<name>_logvar)); rest kept."""
-    out = {}
-    for k, v in pure.items():
-        if isinstance(v, dict):
-            out[k] = _gaussian_leaves(v)
-        elif isinstance(k, str) and k.endswith("_mean"):
-            out[k] = Gaussian(v, jnp.exp(pure[k[: -len("_mean")] + "_logvar"]))
-        else:
-            out[k] = v
-    return out
 
 
 def _pair(model, mode, backward):
@@ -63,7 +51,7 @@ def _pair(model, mode, backward):
         return merged(pure)(x, Context(Method("bp", mode=mode, backward=backward)))
 
     def transformed(pure, x):
-        return prop(_gaussian_leaves(pure), x)
+        return prop(gaussian_tree(pure), x)
 
     return hand, transformed, nnx.to_pure_dict(state)
 

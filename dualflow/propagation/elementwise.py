@@ -609,8 +609,8 @@ def _identify(prog: Program, consts, dtype) -> tuple[str, float] | None:
     return None
 
 
-def _matched_kernel(prog: Program, consts, full, dtype) -> Callable:
-    form = _analyse(prog, consts)
+def _matched_kernel(prog: Program, form, consts, full, dtype) -> Callable:
+    """``form``: :func:`_analyse` of the program with its constants."""
     if form is not None:
         return _form_kernel(lambda traced: _analyse(prog, full(traced)))
     ident = _identify(prog, consts, dtype)
@@ -619,10 +619,6 @@ def _matched_kernel(prog: Program, consts, full, dtype) -> Callable:
         kern = acts._Kernel(name, "matched", negative_slope=slope)
         return lambda m, v, traced: kern(m, v)
     return _quadrature_kernel(prog, full)
-
-
-def is_affine(prog: Program, consts) -> bool:
-    return isinstance(_analyse(prog, consts), _Aff)
 
 
 # --------------------------------------------------------------------------
@@ -669,7 +665,8 @@ def materialize(lz: Lazy, mode: str, backward: str) -> Node:
         v = jnp.broadcast_to(v, shape)
     consts = lz.consts
     traced, full = _split_consts(consts)
-    affine = is_affine(lz.prog, consts)
+    form = _analyse(lz.prog, consts)  # once: affine? which matched kernel?
+    affine = isinstance(form, _Aff)
     # Functions of a reduction statistic (sqrt of a sum of squares: jnp.std,
     # jnp.linalg.norm) are linearised in both modes: a statistic is a sum of
     # many terms with a small relative spread, and integrating sqrt/log over
@@ -677,7 +674,7 @@ def materialize(lz: Lazy, mode: str, backward: str) -> Node:
     if affine or mode == "linearized" or lz.src.stat_of:
         kernel = _linearized_kernel(lz.prog, full)
     else:
-        kernel = _matched_kernel(lz.prog, consts, full, m.dtype)
+        kernel = _matched_kernel(lz.prog, form, consts, full, m.dtype)
     if backward == "autodiff" or affine:
         mean, var, _ = kernel(m, v, traced)
     else:
