@@ -33,10 +33,13 @@ from dualflow.models.resnet import (
     resnet32,
     resnet56,
 )
+from dualflow.models.rnn import CELLS, SequenceNet
 from dualflow.models.vgg import VGG, vgg16
 from dualflow.models.wrn import wide_resnet, wrn28_10
 
 __all__ = [
+    "CELLS",
+    "SequenceNet",
     "MODELS",
     "PUBLISHED_PARAMS",
     "VGG",

@@ -36,6 +36,7 @@ from dualflow.moments.combine import (
 )
 from dualflow.moments.linear import bilinear_moments, conv, dense
 from dualflow.moments.pooling import avg_pool, global_avg_pool, max_pool
+from dualflow.moments.recurrent import indrnn, kalman_update, simple_rnn
 
 __all__ = [
     "ACTIVATIONS",
@@ -55,6 +56,8 @@ __all__ = [
     "global_avg_pool",
     "heaviside",
     "identity",
+    "indrnn",
+    "kalman_update",
     "leaky_relu",
     "max_pool",
     "multiply",
@@ -65,6 +68,7 @@ __all__ = [
     "scale",
     "sigmoid",
     "silu",
+    "simple_rnn",
     "softplus",
     "tanh",
     "transpose",

@@ -34,6 +34,14 @@ from dualflow.nn.methods import (
     predictive_log_likelihood,
 )
 from dualflow.nn.models import MLP, Regressor
+from dualflow.nn.recurrent import (
+    IndRNN,
+    LastStep,
+    SimpleRNN,
+    constrain_recurrent,
+    default_bound,
+    hidden_state_posterior,
+)
 
 __all__ = [
     "METHODS",
@@ -50,6 +58,8 @@ __all__ = [
     "Dropout",
     "Flatten",
     "Gain",
+    "IndRNN",
+    "LastStep",
     "GlobalAvgPool",
     "LayerNorm",
     "Likelihood",
@@ -58,7 +68,11 @@ __all__ = [
     "Predictive",
     "Residual",
     "Sequential",
+    "SimpleRNN",
     "apply",
+    "constrain_recurrent",
+    "default_bound",
+    "hidden_state_posterior",
     "kl_divergence",
     "make_ensemble",
     "ops",

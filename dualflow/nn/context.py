@@ -107,6 +107,9 @@ class Context:
         self.train = bool(train)
         self._key = key
         self._count = 0
+        # set by dualflow.nn.hidden_state_posterior: recurrent layers add a zero
+        # perturbation to their filtered states and record them (bp only)
+        self.state_taps = None
 
     @property
     def name(self) -> str:
