@@ -72,3 +72,23 @@ def test_readme_make_any_model_bayesian_example_trains_and_is_calibrated():
     n = len(y_test)
     assert float(metrics.accuracy(pred.probs, y_test)) > 0.94
     assert float(metrics.ece(pred.probs, y_test)) < (15 / (4 * n)) ** 0.5
+
+
+def test_readme_recurrent_example_runs():
+    """The "Recurrent networks" example: a bp IndRNN objective, its BP-through-time
+    gradient and the smoothed hidden states of one sequence."""
+    snippets = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    example = [s for s in snippets if "hidden_state_posterior" in s]
+    assert example, "README lost its recurrent example"
+    namespace: dict = {}
+    exec(compile(example[0], str(README), "exec"), namespace)  # noqa: S102
+    import jax
+
+    post = namespace["post"]
+    assert post.smoothed["rnn1"].mean.shape == (1, 50, 64)
+    assert bool(jnp.isfinite(namespace["loss"]))
+    leaves = jax.tree.leaves(namespace["grads"])
+    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    # the recurrent weights receive gradient through time
+    g_u = namespace["grads"]["net"]["layers"][0]["recurrent_mean"][...]
+    assert float(jnp.abs(g_u).max()) > 0

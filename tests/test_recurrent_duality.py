@@ -206,3 +206,54 @@ def test_layer_bp_scan_equals_the_pure_moment_scan(x64):
     want, _ = moments.indrnn(a, *rnn.moments_of("recurrent"), activation="identity")
     np.testing.assert_allclose(got.mean, want.mean, rtol=1e-14)
     np.testing.assert_allclose(got.var, want.var, rtol=1e-14)
+
+
+# --------------------------------------------------------------------------
+# Two front-ends, one set of moment rules: dualflow.propagate of a plain-JAX
+# IndRNN written with lax.scan equals the hand-written IndRNN layer.
+# --------------------------------------------------------------------------
+def _plain_indrnn(p, x):
+    a = x @ p["w"] + p["b"]
+
+    def step(h, a_t):
+        h = jax.nn.relu(a_t + p["u"] * h)
+        return h, h
+
+    h0 = jnp.zeros((x.shape[0], p["u"].shape[0]), x.dtype)
+    _, hs = jax.lax.scan(step, h0, jnp.swapaxes(a, 0, 1))
+    return jnp.swapaxes(hs, 0, 1)
+
+
+@pytest.mark.parametrize("mode", ["linearized", "matched"])
+@pytest.mark.parametrize("backward", ["bp", "autodiff"])
+def test_propagate_of_a_plain_indrnn_equals_the_layer(mode, backward, x64):
+    import dualflow
+
+    layer = IndRNN(3, 4, init_var=0.05, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 6, 3)))
+    moments_of = {
+        "w": ("kernel", layer.input),
+        "b": ("bias", layer.input),
+        "u": ("recurrent", layer),
+    }
+    raw = {k: mod.moments_of(n) for k, (n, mod) in moments_of.items()}
+    bayes = dualflow.propagate(_plain_indrnn, mode=mode, backward=backward)
+    method = Method("bp", mode=mode, backward=backward)
+
+    def loss_transformed(raw):
+        out = bayes({k: Gaussian(*v) for k, v in raw.items()}, x)
+        return jnp.sum(out.mean**2) + jnp.sum(jnp.sqrt(out.var + 1.0)), out
+
+    def loss_layer(raw):
+        a = moments.dense(x, *raw["w"], *raw["b"], backward=backward)
+        out, _ = moments.indrnn(a, *raw["u"], mode=mode, backward=backward)
+        return jnp.sum(out.mean**2) + jnp.sum(jnp.sqrt(out.var + 1.0)), out
+
+    (_, got), g_got = jax.value_and_grad(loss_transformed, has_aux=True)(raw)
+    (_, want), g_want = jax.value_and_grad(loss_layer, has_aux=True)(raw)
+    ref = layer(x, Context(method))
+    np.testing.assert_allclose(want.mean, ref.mean, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(got.mean, want.mean, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(got.var, want.var, rtol=1e-10, atol=1e-14)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
