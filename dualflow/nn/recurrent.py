@@ -436,10 +436,11 @@ def hidden_state_posterior(
     from dualflow.nn.methods import Likelihood, _nll
     from dualflow.smoothing import DualityResult, smoothed_moments
 
-    if method.layer_method != "bp":
+    if method.name != "bp":
         raise ValueError(
             f"hidden_state_posterior needs Method('bp'), got {method.name!r}: only"
-            " moment propagation has filtered states to smooth."
+            " moment propagation has filtered states to smooth (for an ensemble,"
+            " call it on each member)."
         )
     likelihood = Likelihood() if likelihood is None else likelihood
 
