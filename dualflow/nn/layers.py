@@ -184,6 +184,10 @@ class _BayesianLinear(BayesianModule):
     def _in_sign_shape(self, x: Array) -> tuple[int, ...]:  # pragma: no cover
         raise NotImplementedError
 
+    def _drop_shape(self, x: Array) -> tuple[int, ...]:
+        """Shape of the ``mc_dropout`` input mask (broadcast against ``x``)."""
+        return x.shape
+
     def _bias(self):
         if not self.use_bias:
             return None, None
@@ -198,7 +202,7 @@ class _BayesianLinear(BayesianModule):
         x = _point(x, type(self).__name__, wm.dtype)
         if name == "mc_dropout" and self.dropout_inputs:
             rate = ctx.method.dropout_rate
-            keep = jax.random.bernoulli(ctx.next_key(), 1.0 - rate, x.shape)
+            keep = jax.random.bernoulli(ctx.next_key(), 1.0 - rate, self._drop_shape(x))
             x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
         if name in ("deterministic", "mc_dropout"):
             out = self._lin(x, wm)

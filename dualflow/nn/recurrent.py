@@ -28,10 +28,13 @@ Every learning method of :class:`~dualflow.nn.Method` runs the same layer:
 * ``reparam``: one sample of ``W, b, u`` per call, shared by all steps.
 * ``local_reparam``: every pre-activation drawn from its Gaussian given the
   (sampled) state, independently per example and step.
-* ``flipout``: one shared perturbation of ``W`` and ``u``; the recurrent
-  one decorrelated across examples by per-sequence random signs.
-* ``mc_dropout``: the input projection drops its inputs; the recurrence uses
-  the means.  ``deterministic`` / ensemble members: the means.
+* ``flipout``: one shared perturbation of ``W`` and ``u``, decorrelated
+  across sequences by random signs drawn once per sequence (not per step, so
+  every sequence sees one effective weight).
+* ``mc_dropout``: the weight means, with the inputs of both weights dropped
+  by one mask per sequence, shared by all steps (Gal & Ghahramani's
+  variational RNN dropout): ``x_t`` before ``W`` and ``h_{t-1}`` before ``u`` /
+  ``U``.  ``deterministic`` / ensemble members: the means.
 * ``pcff_rate > 0`` (point methods, training only): the activation is
   partially collapsed feed-forward (:func:`dualflow.chain.pcff`) at every
   step, each node sampled with probability ``pcff_rate``.
@@ -66,6 +69,30 @@ __all__ = ["IndRNN", "LastStep", "SimpleRNN", "constrain_recurrent"]
 def _time_major(x):
     """``[N, T, ...] -> [T, N, ...]`` for a Gaussian or an array."""
     return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), x)
+
+
+def _per_sequence(shape) -> tuple[int, ...]:
+    """``[N, T, ..., D] -> [N, 1, ..., D]``: one draw per sequence and feature."""
+    return (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],)
+
+
+class _SequenceDense(Dense):
+    """The input projection ``W x_t + b`` of a recurrent layer.
+
+    The sequence is the example: flipout's sign flips and ``mc_dropout``'s
+    input mask are drawn once per sequence and feature and shared by all steps
+    (one effective weight per sequence; Gal & Ghahramani's variational RNN
+    dropout), not per step.
+    """
+
+    def _in_sign_shape(self, x):
+        return _per_sequence(x.shape)
+
+    def _out_sign_shape(self, y):
+        return _per_sequence(y.shape)
+
+    def _drop_shape(self, x):
+        return _per_sequence(x.shape)
 
 
 class _Recurrent(BayesianModule):
@@ -113,7 +140,7 @@ class _Recurrent(BayesianModule):
         self.pcff_rate = float(pcff_rate)
         self.return_sequences = bool(return_sequences)
         self.unroll = int(unroll)
-        self.input = Dense(
+        self.input = _SequenceDense(
             in_features, hidden_features, use_bias=use_bias, rngs=rngs, **layer_kw
         )
 
@@ -192,7 +219,7 @@ class _Recurrent(BayesianModule):
         h = jnp.asarray(self._h0(h0, n, a.dtype), a.dtype)
         xs: dict[str, Array] = {"a": jnp.swapaxes(a, 0, 1)}
         w = wm
-        sign = dw = None
+        sign = dw = mask = None
         if name == "reparam":
             w = wm + jnp.sqrt(wv) * jax.random.normal(ctx.next_key(), wm.shape, wm.dtype)
         elif name == "local_reparam":
@@ -204,10 +231,17 @@ class _Recurrent(BayesianModule):
                 jax.random.rademacher(ks, h.shape, h.dtype),
                 jax.random.rademacher(kr, h.shape, h.dtype),
             )
+        elif name == "mc_dropout" and self.input.dropout_inputs:
+            # the recurrent weight's input h_{t-1}: one mask per sequence
+            rate = ctx.method.dropout_rate
+            keep = jax.random.bernoulli(ctx.next_key(), 1.0 - rate, h.shape)
+            mask = jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(h.dtype)
         if ctx.train and self.pcff_rate > 0:
             xs["key"] = jax.random.split(ctx.next_key(), t)
 
         def step(h, inp):
+            if mask is not None:  # mc_dropout: the input of the recurrent weight
+                h = h * mask
             pre = inp["a"] + self._rec(h, w)
             if "eps" in inp:
                 pre = pre + _safe_sqrt(self._rec(h * h, wv)) * inp["eps"]
