@@ -1,6 +1,6 @@
 """Smoothed hidden states of a trained bp IndRNN (issue 20: the duality for sequences).
 
-    python scripts/sequence_posterior.py                      # T=50, ~1 min on 2 CPU cores
+    python scripts/sequence_posterior.py            # T=50, ~1 min on 2 CPU cores
     python scripts/sequence_posterior.py --quick --out_dir=/tmp/post   # seconds
 
 Trains a 2-layer bp IndRNN on the adding problem, then reads the filtered
@@ -62,7 +62,8 @@ def main(argv):
     )
     for u in s["units"]:
         print(
-            f"  unit {u['unit']}: max |smoothed - filtered| mean {u['max_mean_shift']:.4f},"
+            f"  unit {u['unit']}: max |smoothed - filtered| mean"
+            f" {u['max_mean_shift']:.4f},"
             f" mean var ratio smoothed/filtered {u['mean_var_ratio']:.3f}"
         )
     print(f"wrote {os.path.join(F.out_dir, 'posterior.png')} and posterior.json")

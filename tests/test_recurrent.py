@@ -649,7 +649,10 @@ def test_mc_dropout_masks_are_per_sequence_for_both_weights(x64):
     # (a) input mask: U = 0
     layer = _cell("srn", d, h, activation="identity")
     layer.recurrent_mean[...] = jnp.zeros((h, h))
-    w, b = np.asarray(layer.input.kernel_mean[...]), np.asarray(layer.input.bias_mean[...])
+    w, b = (
+        np.asarray(layer.input.kernel_mean[...]),
+        np.asarray(layer.input.bias_mean[...]),
+    )
     seen = []
     for key in (1, 2):
         out = np.asarray(layer(x, dnn.Context(method, jax.random.key(key)), h0=h0))

@@ -74,7 +74,9 @@ def test_linear_indrnn_forward_is_the_kalman_filter(cell, backward, x64):
     # diagonal dynamics and observations: the Kalman covariance stays diagonal
     off = covs - np.einsum("tii->ti", covs)[:, :, None] * np.eye(covs.shape[-1])
     assert np.abs(off).max() < 1e-14
-    np.testing.assert_allclose(states.mean[0], filt.filtered_means[1:], rtol=0, atol=TOL)
+    np.testing.assert_allclose(
+        states.mean[0], filt.filtered_means[1:], rtol=0, atol=TOL
+    )
     np.testing.assert_allclose(
         states.var[0], np.einsum("tii->ti", covs), rtol=0, atol=TOL
     )
@@ -123,15 +125,24 @@ def test_state_gradients_are_theorem3_and_give_rts_moments(cell, backward, seed,
 
 def test_kalman_update_is_exact_gaussian_conditioning(x64):
     rng = np.random.default_rng(3)
-    m, P, R, z = rng.normal(size=4), rng.uniform(0.1, 2, 4), rng.uniform(0.1, 1, 4), rng.normal(size=4)
+    m, P, R, z = (
+        rng.normal(size=4),
+        rng.uniform(0.1, 2, 4),
+        rng.uniform(0.1, 1, 4),
+        rng.normal(size=4),
+    )
     post, ll = moments.kalman_update(Gaussian(jnp.asarray(m), jnp.asarray(P)), z, R)
     for i in range(4):  # joint of (h, z) = (h, h + v), conditioned on z
         cov = np.array([[P[i], P[i]], [P[i], P[i] + R[i]]])
-        pm, pc = pgm.condition_gaussian(jnp.array([m[i], m[i]]), jnp.asarray(cov), 1, z[i : i + 1])
+        pm, pc = pgm.condition_gaussian(
+            jnp.array([m[i], m[i]]), jnp.asarray(cov), 1, z[i : i + 1]
+        )
         np.testing.assert_allclose(post.mean[i], pm[0], rtol=1e-12)
         np.testing.assert_allclose(post.var[i], pc[0, 0], rtol=1e-12)
         np.testing.assert_allclose(
-            ll[i], pgm.gaussian_logpdf(z[i : i + 1], m[i : i + 1], cov[1:, 1:]), rtol=1e-12
+            ll[i],
+            pgm.gaussian_logpdf(z[i : i + 1], m[i : i + 1], cov[1:, 1:]),
+            rtol=1e-12,
         )
 
 
@@ -144,7 +155,9 @@ def _linear_network(seed, n_in=2, hidden=3, T=5):
     step -> dense head with point weights."""
     rngs = nnx.Rngs(seed)
     kw = dict(param_dtype=jnp.float64)
-    rnn = IndRNN(n_in, hidden, activation="identity", recurrent_init=(-0.9, 0.9), rngs=rngs, **kw)
+    rnn = IndRNN(
+        n_in, hidden, activation="identity", recurrent_init=(-0.9, 0.9), rngs=rngs, **kw
+    )
     head = Dense(hidden, 1, mean_init="lecun", rngs=rngs, **kw)
     _point_logvar(rnn.input.kernel_logvar)
     _point_logvar(rnn.recurrent_logvar)
@@ -186,16 +199,22 @@ def test_hidden_state_posterior_is_exact_conditioning_for_a_linear_network(x64):
         A[-1, : T * hidden] = 0.0
         for i in range(hidden):
             A[-1] += w[i] * A[(T - 1) * hidden + i]
-        mean[-1] = w @ mean[(T - 1) * hidden : T * hidden] + float(head.bias_mean[...][0])
+        mean[-1] = w @ mean[(T - 1) * hidden : T * hidden] + float(
+            head.bias_mean[...][0]
+        )
         A[-1, -1] = 1.0
         sig = np.diag(np.concatenate([np.tile(q, T), [noise]]))
         cov = A @ sig @ A.T
         # the filter: prior marginals
         np.testing.assert_allclose(filt.mean[ex].reshape(-1), mean[:-1], atol=TOL)
-        np.testing.assert_allclose(filt.var[ex].reshape(-1), np.diag(cov)[:-1], atol=TOL)
+        np.testing.assert_allclose(
+            filt.var[ex].reshape(-1), np.diag(cov)[:-1], atol=TOL
+        )
         pm, pc = pgm.condition_gaussian(jnp.asarray(mean), jnp.asarray(cov), 1, y[ex])
         np.testing.assert_allclose(sm.mean[ex].reshape(-1), pm, rtol=0, atol=TOL)
-        np.testing.assert_allclose(sm.var[ex].reshape(-1), np.diag(pc), rtol=0, atol=TOL)
+        np.testing.assert_allclose(
+            sm.var[ex].reshape(-1), np.diag(pc), rtol=0, atol=TOL
+        )
 
 
 def test_layer_bp_scan_equals_the_pure_moment_scan(x64):

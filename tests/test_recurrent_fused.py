@@ -26,7 +26,10 @@ def _case(cell, seed, N=3, T=6, H=4):
     h0 = Gaussian(
         jnp.asarray(rng.normal(size=(N, H))), jnp.asarray(rng.uniform(0.1, 0.5, (N, H)))
     )
-    c = (jnp.asarray(rng.normal(size=(N, T, H))), jnp.asarray(rng.normal(size=(N, T, H))))
+    c = (
+        jnp.asarray(rng.normal(size=(N, T, H))),
+        jnp.asarray(rng.normal(size=(N, T, H))),
+    )
     return a, tuple(map(jnp.asarray, w)), h0, c
 
 
@@ -92,6 +95,7 @@ def test_not_fused_when_the_rule_cannot_rebuild_the_gain(x64):
         dict(activation="identity", observations=c1, noise_var=0.5),
     ]
     for kw in cases:
+
         def loss(u, fuse, kw=kw):
             out, ll = moments.indrnn(a, u, w[1], h0=h0, fuse=fuse, **kw)
             return out.mean.sum() + (0.0 if ll is None else ll.sum())

@@ -18,9 +18,16 @@ def test_sequence_posterior_quick(tmp_path):
     keep.write_text('{"records": []}')
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "sequence_posterior.py"), "--quick",
-         f"--out_dir={tmp_path}"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "sequence_posterior.py"),
+            "--quick",
+            f"--out_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     s = json.loads((tmp_path / "posterior.json").read_text())
@@ -36,9 +43,15 @@ def test_sequence_posterior_quick(tmp_path):
 
 def test_sequence_posterior_rejects_bad_flags(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "sequence_posterior.py"), "--seq_len=1",
-         f"--out_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "sequence_posterior.py"),
+            "--seq_len=1",
+            f"--out_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --seq_len must be >= 2 and --epochs >= 1."

@@ -27,7 +27,13 @@ from flax import nnx
 
 from dualflow.benchmarks.sequence import adding_problem
 from dualflow.models.rnn import SequenceNet
-from dualflow.nn import Likelihood, Method, default_bound, hidden_state_posterior, predict
+from dualflow.nn import (
+    Likelihood,
+    Method,
+    default_bound,
+    hidden_state_posterior,
+    predict,
+)
 from dualflow.train.fit import fit
 
 __all__ = ["PosteriorConfig", "plot_hidden_states", "run_posterior_study"]

@@ -86,7 +86,10 @@ class SequenceNet(nnx.Module):
         if residual:
             for _ in range((depth - 1) // 2):
                 block = Sequential(
-                    layer(hidden), *drop(), layer(hidden), Gain(residual_gain, param_dtype=dtype)
+                    layer(hidden),
+                    *drop(),
+                    layer(hidden),
+                    Gain(residual_gain, param_dtype=dtype),
                 )
                 layers.append(Residual(block))
         else:
@@ -94,9 +97,9 @@ class SequenceNet(nnx.Module):
                 layers += [layer(hidden), *drop()]
         if head == "last":
             layers.append(LastStep())
-        layers.append(Dense(
-                hidden, num_outputs, mean_init="lecun", param_dtype=dtype, rngs=rngs
-            ))
+        layers.append(
+            Dense(hidden, num_outputs, mean_init="lecun", param_dtype=dtype, rngs=rngs)
+        )
         self.net = Sequential(*layers)
         self.head = head
 

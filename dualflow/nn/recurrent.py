@@ -221,7 +221,9 @@ class _Recurrent(BayesianModule):
         w = wm
         sign = dw = mask = None
         if name == "reparam":
-            w = wm + jnp.sqrt(wv) * jax.random.normal(ctx.next_key(), wm.shape, wm.dtype)
+            w = wm + jnp.sqrt(wv) * jax.random.normal(
+                ctx.next_key(), wm.shape, wm.dtype
+            )
         elif name == "local_reparam":
             xs["eps"] = jax.random.normal(ctx.next_key(), (t, *h.shape), h.dtype)
         elif name == "flipout":
@@ -310,7 +312,9 @@ class IndRNN(_Recurrent):
         )
         if recurrent_bound is not None and not recurrent_bound > 0:
             raise ValueError(f"recurrent_bound must be > 0, got {recurrent_bound}.")
-        self.recurrent_bound = None if recurrent_bound is None else float(recurrent_bound)
+        self.recurrent_bound = (
+            None if recurrent_bound is None else float(recurrent_bound)
+        )
         lo, hi = (float(v) for v in recurrent_init)
         self._init_weights(
             None,
@@ -370,7 +374,11 @@ class SimpleRNN(_Recurrent):
             rngs=rngs,
         )
         self.recurrent_bound = None
-        kw = {k: layer_kw[k] for k in ("init_var", "prior_var", "var_scaling") if k in layer_kw}
+        kw = {
+            k: layer_kw[k]
+            for k in ("init_var", "prior_var", "var_scaling")
+            if k in layer_kw
+        }
         self._init_weights(
             None,
             "recurrent",
