@@ -245,8 +245,9 @@ def residual_stats(
     the fused BPTT rule keeps (``N != T`` assumed); ``scan_once``: other
     ``scan`` outputs (saved once: final carries, loop-invariant values
     hoisted out of the loop); ``other``: the rest (input projection, head,
-    loss), of which ``other_time`` have a ``seq_len`` axis (e.g. one layer's states kept by
-    the next layer's input projection).  ``per_step_shapes``: the per-step
+    loss), of which ``other_time`` have a ``seq_len`` axis (e.g. one layer's
+    states kept by the next layer's input projection).  ``per_step_shapes``:
+    the per-step
     residuals of one step, e.g. ``"3 x float32[32, 128]"`` (a weight-shaped
     entry here would be a loop-invariant saved ``T`` times).
     ``vjp_leaves`` (with ``vjp=True``; shapes via ``jax.eval_shape``): all
