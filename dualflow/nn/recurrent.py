@@ -268,7 +268,9 @@ class IndRNN(_Recurrent):
         default, as in the IndRNN papers).
       recurrent_init: ``(low, high)``: the means of ``u`` start uniform in it.
       recurrent_bound: ``|u| <= bound`` (``None``: unconstrained); for a
-        sequence of length ``T`` the IndRNN papers use ``2 ** (1 / T)``.
+        sequence of length ``T`` the IndRNN papers use ``2 ** (1 / T)``.  The
+        forward clips the mean of ``u``; the KL reads the stored parameter, so
+        call :func:`constrain_recurrent` after each update to keep them equal.
       recurrent_init_var, recurrent_prior_var: variance of ``u`` at
         initialisation and under the prior (``u`` has fan-in 1, so they are
         not rescaled).
