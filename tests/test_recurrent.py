@@ -760,6 +760,35 @@ def test_recurrent_bound_clips_the_forward_and_constrain_projects(x64):
     np.testing.assert_array_equal(init.recurrent_mean[...], np.full(8, bound))
 
 
+@pytest.mark.parametrize("name", ["reparam", "flipout"])
+def test_sampled_recurrent_weights_respect_the_bound(name, x64):
+    """With ``u`` at the bound and a large variance, every sampled ``u`` a
+    sequence uses (``reparam``: one for all, ``flipout``: one per sequence)
+    stays in ``[-bound, bound]``: identity IndRNN, zero inputs after the
+    first step, so ``h_{t+1} / h_t`` is the sampled ``u``."""
+    bound, n, t_len = 0.5, 64, 3
+    layer = _cell(
+        "indrnn",
+        1,
+        8,
+        activation="identity",
+        use_bias=False,
+        recurrent_bound=bound,
+        recurrent_init_var=1.0,
+    )
+    layer.recurrent_mean[...] = jnp.full(8, bound)
+    x = np.zeros((n, t_len, 1))
+    x[:, 0] = 1.0
+    ratios = []
+    for key in range(4):
+        out = np.asarray(layer(x, dnn.Context(dnn.Method(name), jax.random.key(key))))
+        assert np.abs(out[:, 0]).min() > 0
+        ratios.append(out[:, 2] / out[:, 1])
+    r = np.concatenate(ratios)
+    assert np.abs(r).max() <= bound + 1e-12
+    assert (r < bound - 0.1).mean() > 0.3  # samples below the bound are kept
+
+
 # --------------------------------------------------------------------------
 # 7. clear errors
 # --------------------------------------------------------------------------

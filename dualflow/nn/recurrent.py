@@ -42,8 +42,12 @@ Every learning method of :class:`~dualflow.nn.Method` runs the same layer:
 ``recurrent_bound`` keeps ``|u|`` (IndRNN) within a bound, the IndRNN
 constraint that lets a ReLU IndRNN keep long-range memory without exploding
 (Li et al. 2018 use ``2^(1/T)``, and ``u >= 0`` initial values in ``[0, 1]``):
-the forward clips the mean, and :func:`constrain_recurrent` projects the
-parameters after an optimiser step so they do not drift past it.
+the forward clips the mean (and, under ``reparam`` / ``flipout``, the sampled
+``u`` each sequence uses: a sample beyond the bound would make a ReLU state
+grow like ``|u|^T``), and :func:`constrain_recurrent` projects the parameters
+after an optimiser step so they do not drift past it.  ``local_reparam``
+samples pre-activations, not ``u``, and ``bp`` propagates ``E[u^2] = m^2 + v``:
+neither is clipped beyond the mean.
 """
 
 from __future__ import annotations
@@ -150,11 +154,14 @@ class _Recurrent(BayesianModule):
 
     _moment_scan = staticmethod(moments.indrnn)  # pure moment scan (subclasses)
 
+    def _bound(self, w: Array) -> Array:
+        if self.recurrent_bound is None:
+            return w
+        return jnp.clip(w, -self.recurrent_bound, self.recurrent_bound)
+
     def _recurrent_weights(self) -> tuple[Array, Array]:
         m, v = self.moments_of("recurrent")
-        if self.recurrent_bound is not None:
-            m = jnp.clip(m, -self.recurrent_bound, self.recurrent_bound)
-        return m, v
+        return self._bound(m), v
 
     # -- forward --------------------------------------------------------
     def __call__(self, x, ctx: Context, h0=None):
@@ -221,9 +228,8 @@ class _Recurrent(BayesianModule):
         w = wm
         sign = dw = mask = None
         if name == "reparam":
-            w = wm + jnp.sqrt(wv) * jax.random.normal(
-                ctx.next_key(), wm.shape, wm.dtype
-            )
+            eps = jax.random.normal(ctx.next_key(), wm.shape, wm.dtype)
+            w = self._bound(wm + jnp.sqrt(wv) * eps)
         elif name == "local_reparam":
             xs["eps"] = jax.random.normal(ctx.next_key(), (t, *h.shape), h.dtype)
         elif name == "flipout":
@@ -233,6 +239,8 @@ class _Recurrent(BayesianModule):
                 jax.random.rademacher(ks, h.shape, h.dtype),
                 jax.random.rademacher(kr, h.shape, h.dtype),
             )
+            if self.recurrent_bound is not None:  # IndRNN: u per sequence, bounded
+                w, dw = self._bound(wm + dw * sign[0] * sign[1]), None
         elif name == "mc_dropout" and self.input.dropout_inputs:
             # the recurrent weight's input h_{t-1}: one mask per sequence
             rate = ctx.method.dropout_rate
