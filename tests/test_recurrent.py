@@ -818,7 +818,7 @@ def test_clear_errors():
         dnn.SimpleRNN(2, 3, pcff_rate=1.5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="unknown activation"):
         dnn.SimpleRNN(2, 3, activation="swishy", rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="unroll must be >= 1"):
+    with pytest.raises(ValueError, match="unroll must be an integer >= 1"):
         dnn.IndRNN(2, 3, unroll=0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="recurrent_bound must be > 0"):
         dnn.IndRNN(2, 3, recurrent_bound=0.0, rngs=nnx.Rngs(0))
@@ -899,3 +899,22 @@ def test_hidden_state_posterior_of_a_nonlinear_sequence_net():
             assert np.all(np.isfinite(np.asarray(arr)))
         assert np.all(np.asarray(s.var) >= 0.0), name
         assert np.abs(np.asarray(s.mean - f.mean)).max() > 1e-6, name
+
+
+def test_review_findings_shapes_and_dtypes():
+    """Second-reading findings: a recurrent weight of the wrong size, a bool
+    unroll and return_sequences inside SequenceNet raise; the carry takes the
+    input term's dtype on both the fused and the per-op path."""
+    a = Gaussian(jnp.ones((2, 3, 4)), jnp.full((2, 3, 4), 0.1))
+    with pytest.raises(ValueError, match="do not match the 4 hidden units"):
+        moments.indrnn(a, jnp.array([0.5]), jnp.array([0.1]))
+    with pytest.raises(ValueError, match="do not match the 4 hidden units"):
+        moments.simple_rnn(a, jnp.ones((3, 3)), jnp.ones((3, 3)))
+    with pytest.raises(ValueError, match="unroll must be an integer"):
+        moments.indrnn(a, jnp.ones(4), jnp.ones(4), unroll=True)
+    with pytest.raises(ValueError, match="return_sequences is set by the stack"):
+        SequenceNet(3, 2, hidden=5, depth=1, return_sequences=False, rngs=nnx.Rngs(0))
+    h0 = Gaussian(jnp.ones((2, 4), jnp.float16), jnp.ones((2, 4), jnp.float16))
+    for kw in (dict(fuse=True), dict(fuse=False), dict(mode="matched")):
+        out, _ = moments.indrnn(a, jnp.full(4, 0.5), jnp.full(4, 0.1), h0=h0, **kw)
+        assert out.mean.dtype == a.dtype and out.var.dtype == a.dtype, kw

@@ -41,10 +41,13 @@ class SequenceNet(nnx.Module):
       residual_gain: initial value of each block's gain.
       head: ``"last"`` (sequence to label, ``[N, K]``) or ``"sequence"``
         (sequence to sequence, ``[N, T, K]``).
-      dropout: rate of a :class:`~dualflow.nn.Dropout` after every recurrent
-        layer (0: none).
+      dropout: rate of a :class:`~dualflow.nn.Dropout` (0: none) after every
+        recurrent layer whose output feeds another layer directly: every layer
+        of a plain stack; in a residual stack the input layer and the first
+        layer of each block (the block's output joins the skip path).
       **cell_kw: passed to every recurrent layer (``activation``,
-        ``recurrent_bound``, ``pcff_rate``, ``init_var``, ``prior_var``, ...).
+        ``recurrent_bound``, ``pcff_rate``, ``init_var``, ``prior_var``, ...;
+        not ``return_sequences``: the stack always passes sequences on).
     """
 
     def __init__(
@@ -70,6 +73,11 @@ class SequenceNet(nnx.Module):
             raise ValueError(
                 f"residual stacks are one input layer plus blocks of two: depth must"
                 f" be odd, got {depth}."
+            )
+        if "return_sequences" in cell_kw:
+            raise ValueError(
+                "SequenceNet: return_sequences is set by the stack (layers pass"
+                " sequences on; head='last' takes the last step): drop it."
             )
         if head not in ("last", "sequence"):
             raise ValueError(f"head must be 'last' or 'sequence', got {head!r}.")

@@ -179,8 +179,16 @@ def _scan(
     if a.ndim != 3:
         raise ValueError(f"{where}: expected the input term [N, T, H], got {a.shape}.")
     n, t, hdim = a.shape
+    if isinstance(unroll, bool) or int(unroll) < 1:
+        raise ValueError(f"{where}: unroll must be an integer >= 1, got {unroll!r}.")
+    if w.mean.shape[-1] != hdim or jnp.shape(w.var) != w.mean.shape:
+        raise ValueError(
+            f"{where}: recurrent weight moments {w.mean.shape} / {jnp.shape(w.var)}"
+            f" do not match the {hdim} hidden units of the input term {a.shape}."
+        )
     h = Gaussian.point(jnp.zeros((n, hdim), a.dtype)) if h0 is None else h0
     h = as_gaussian(h, f"{where} h0")
+    h = Gaussian(h.mean.astype(a.dtype), h.var.astype(a.dtype))  # carry dtype
     if h.shape != (n, hdim):
         raise ValueError(f"{where}: h0 must be [N, H] = {(n, hdim)}, got {h.shape}.")
     xs: dict = {"a": _time_major(a)}
@@ -203,10 +211,18 @@ def _scan(
         and observations is None
         and state_delta is None
     ):
-        hm, hv = (jnp.asarray(v, a.dtype) for v in (h.mean, h.var))
         fixed = backward == "bp_fixed_noise"
         M, P = _fused_scan(
-            op, activation, fixed, int(unroll), a.mean, a.var, w.mean, w.var, hm, hv
+            op,
+            activation,
+            fixed,
+            int(unroll),
+            a.mean,
+            a.var,
+            w.mean,
+            w.var,
+            h.mean,
+            h.var,
         )
         return Gaussian(M, P), None
     if state_delta is not None:

@@ -137,8 +137,8 @@ class _Recurrent(BayesianModule):
                 f"pcff_rate > 0 samples the activation's node distribution, which"
                 f" exists for {NODES}; got activation {activation!r}."
             )
-        if int(unroll) < 1:
-            raise ValueError(f"unroll must be >= 1, got {unroll}.")
+        if isinstance(unroll, bool) or int(unroll) < 1:
+            raise ValueError(f"unroll must be an integer >= 1, got {unroll!r}.")
         self.in_features, self.hidden_features = int(in_features), int(hidden_features)
         self.activation = activation
         self.pcff_rate = float(pcff_rate)
