@@ -12,6 +12,12 @@ records of the previous ones)::
     python scripts/sequence.py --studies=mnist --epochs=25 --rerun
     python scripts/sequence.py --studies=adding --seq_lens=1000 --rerun
         --adding_steps=1000:2000 --adding_methods=deterministic,bp    # (one line)
+    python scripts/sequence.py --studies=adding --seq_lens=1000 --rerun
+        --adding_steps=1000:2000 --adding_methods=reparam             # (one line)
+    python scripts/sequence.py --studies=adding --seq_lens=100 --rerun
+        --adding_seeds=0,1,2 --adding_methods=reparam                 # (one line)
+    python scripts/sequence.py --studies=adding --seq_lens=500 --rerun
+        --adding_methods=reparam                                      # (one line)
 
 Study logic: :mod:`dualflow.benchmarks.sequence` (protocols in its
 docstrings).  Writes ``<out_dir>/results.json`` (records with ``task``,
