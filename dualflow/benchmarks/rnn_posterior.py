@@ -14,7 +14,6 @@ with the two marked positions of the sequence.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import optax
 from flax import nnx
 
 from dualflow.benchmarks.sequence import adding_problem
+from dualflow.io import write_json_atomic
 from dualflow.models.rnn import SequenceNet
 from dualflow.nn import (
     Likelihood,
@@ -184,7 +184,5 @@ def run_posterior_study(
         ),
         "seconds": time.time() - t0,
     }
-    tmp = out / "posterior.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out / "posterior.json")
+    write_json_atomic(out / "posterior.json", summary, indent=1)
     return summary

@@ -50,6 +50,7 @@ from dualflow.moments.linear import (
     _matmul,
     bilinear_moments,
 )
+from dualflow.smoothing import perturb
 
 Array = jax.Array
 
@@ -191,17 +192,6 @@ def _scan(
     h = Gaussian(h.mean.astype(a.dtype), h.var.astype(a.dtype))  # carry dtype
     if h.shape != (n, hdim):
         raise ValueError(f"{where}: h0 must be [N, H] = {(n, hdim)}, got {h.shape}.")
-    xs: dict = {"a": _time_major(a)}
-    if observations is not None:
-        z = jnp.asarray(observations, a.dtype)
-        if z.shape != a.shape:
-            raise ValueError(
-                f"{where}: observations must be [N, T, H] = {a.shape}, got {z.shape}."
-            )
-        if noise_var is None:
-            raise ValueError(f"{where}: observations need noise_var (R > 0).")
-        xs["z"] = jnp.swapaxes(z, 0, 1)
-        r = jnp.asarray(noise_var, a.dtype)
     w = Gaussian(jnp.asarray(w.mean, a.dtype), jnp.asarray(w.var, a.dtype))
     if (
         fuse
@@ -225,6 +215,17 @@ def _scan(
             h.var,
         )
         return Gaussian(M, P), None
+    xs: dict = {"a": _time_major(a)}
+    if observations is not None:
+        z = jnp.asarray(observations, a.dtype)
+        if z.shape != a.shape:
+            raise ValueError(
+                f"{where}: observations must be [N, T, H] = {a.shape}, got {z.shape}."
+            )
+        if noise_var is None:
+            raise ValueError(f"{where}: observations need noise_var (R > 0).")
+        xs["z"] = jnp.swapaxes(z, 0, 1)
+        r = jnp.asarray(noise_var, a.dtype)
     if state_delta is not None:
         if state_delta.shape != a.shape:
             raise ValueError(
@@ -240,8 +241,7 @@ def _scan(
         if "z" in inp:
             h, out["ll"] = kalman_update(h, inp["z"], r)
         if "delta" in inp:
-            d = inp["delta"]
-            h = Gaussian(h.mean + d.mean, h.var + d.var)
+            h = perturb(h, inp["delta"])
         out["h"] = h
         return h, out
 

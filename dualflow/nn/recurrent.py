@@ -70,11 +70,6 @@ Array = jax.Array
 __all__ = ["IndRNN", "LastStep", "SimpleRNN", "constrain_recurrent"]
 
 
-def _time_major(x):
-    """``[N, T, ...] -> [T, N, ...]`` for a Gaussian or an array."""
-    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), x)
-
-
 def _per_sequence(shape) -> tuple[int, ...]:
     """``[N, T, ..., D] -> [N, 1, ..., D]``: one draw per sequence and feature."""
     return (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],)
