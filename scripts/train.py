@@ -14,14 +14,15 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # allow running from a checkout without installing
     sys.path.insert(0, _REPO)
 
-config_flags.DEFINE_config_file(
+from dualflow import cli  # noqa: E402
+
+cli.define_config_file(
     "config",
     os.path.join(_REPO, "configs", "default.py"),
     "Path to a config file (configs/<name>.py).",
@@ -72,7 +73,6 @@ def describe(cfg) -> str:
 
 
 def main(argv):
-    del argv
     cfg = flags.FLAGS.config
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
@@ -80,20 +80,15 @@ def main(argv):
         print(describe(cfg))
         return
     if cfg.get("describe_only", False):
-        raise app.UsageError(
+        cli.fail(
             "this config only describes an architecture: add --describe (training"
             " configs are configs/<name>.py with data and optimiser settings)."
         )
-    from dualflow.data import DataNotFoundError
-    from dualflow.train.config import ConfigError
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     from dualflow.train.trainer import train_and_evaluate
 
-    workdir = flags.FLAGS.workdir or _default_workdir()
-    try:
-        train_and_evaluate(cfg, workdir)
-    except (ConfigError, DataNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    train_and_evaluate(cfg, flags.FLAGS.workdir or _default_workdir())
 
 
 def _default_workdir() -> str:
@@ -105,4 +100,4 @@ def _default_workdir() -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,9 +13,11 @@ from dualflow.data.augment import (
     random_flip,
 )
 from dualflow.data.digits import load_sklearn_digits
+from dualflow.data.fingerprint import fingerprint
 from dualflow.data.images import ImageDataset, load_image_dataset
 from dualflow.data.info import IMAGE_DATASETS, ImageDatasetInfo, dataset_info
 from dualflow.data.paths import DataNotFoundError, resolve_data_dir
+from dualflow.errors import DataError
 from dualflow.data.uci import (
     UCI_DATASETS,
     UCIData,
@@ -40,7 +42,9 @@ __all__ = [
     "ImageDatasetInfo",
     "dataset_info",
     "UCI_DATASETS",
+    "DataError",
     "DataNotFoundError",
+    "fingerprint",
     "UCIData",
     "UCISplit",
     "inner_split_indices",

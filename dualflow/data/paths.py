@@ -10,8 +10,7 @@ __all__ = ["DataNotFoundError", "resolve_data_dir"]
 ENV_VAR = "DUALFLOW_DATA_DIR"
 
 
-class DataNotFoundError(FileNotFoundError):
-    """Raised with a message that says where to put the files."""
+from dualflow.errors import DataNotFoundError  # noqa: E402  (re-exported here)
 
 
 def resolve_data_dir(

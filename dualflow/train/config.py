@@ -47,8 +47,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A config field has an invalid value; the message names the field."""
+from dualflow.errors import ConfigError  # noqa: E402  (re-exported here)
 
 
 def base_config() -> ml_collections.ConfigDict:
