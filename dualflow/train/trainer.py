@@ -43,18 +43,24 @@ from dualflow.data import (
     DataNotFoundError,
     ImageDataset,
     dataset_info,
+    fingerprint,
     load_image_dataset,
     resolve_data_dir,
 )
 from dualflow.data.augment import AugmentConfig
+from dualflow.errors import CheckpointError, DivergenceError, Interrupted
 from dualflow.io import git_commit, write_json_atomic, write_text_atomic
 from dualflow.models import build_model
 from dualflow.nn.context import Method
 from dualflow.nn.methods import Likelihood, make_ensemble, predict
 from dualflow.optim import mean_variance_labels, natural_gradient
+from dualflow.train.checkpoints import CheckpointStore
 from dualflow.train.config import ConfigError, _model_norm, validate_config
 from dualflow.train.fit import make_loss_fn
 from dualflow.train.input import Normalizer, TrainBatches, prefetch, to_global
+from dualflow.train.interrupts import InterruptGuard, inject
+from dualflow.train.timing import TimingLog
+from dualflow.train.timing import summarize as timing_summary
 
 __all__ = [
     "TrainState",
@@ -302,278 +308,417 @@ def train_and_evaluate(
 
     ``on_step(step)`` is called after each update (tests use it to interrupt a
     run).  Raises :class:`ConfigError` for an invalid config (before loading
-    anything) and ``DataNotFoundError`` when the data set is missing.
+    anything), ``DataNotFoundError``/``DataError`` for missing or malformed
+    data, :class:`~dualflow.errors.CheckpointError` when the workdir holds
+    checkpoints none of which can be restored, ``DivergenceError`` when the
+    loss stops being finite, and :class:`~dualflow.errors.Interrupted` after
+    SIGINT/SIGTERM (the current step finishes and is checkpointed first; see
+    :mod:`dualflow.train.interrupts`).  Rerunning a finished run returns its
+    recorded summary unchanged.
     """
-    import orbax.checkpoint as ocp
-
     t_start = time.time()
-    if cfg.mesh.distributed and not jax.distributed.is_initialized():
-        jax.distributed.initialize()  # before anything else touches JAX
-    mesh = make_mesh(int(cfg.mesh.num_devices))
-    validate_config(cfg, num_devices=mesh.size)
-    workdir = Path(workdir).expanduser().resolve()
-    is_main = jax.process_index() == 0
+    with InterruptGuard() as guard:
+        run = _Run(cfg, workdir, t_start, guard)
+        return run.execute(on_step)
 
-    method = method_from_config(cfg)
-    likelihood = Likelihood(head=cfg.likelihood.head)
-    augment = AugmentConfig(
-        crop_pad=int(cfg.augment.crop_pad),
-        flip=bool(cfg.augment.flip),
-        randaugment_ops=int(cfg.augment.randaugment_ops),
-        randaugment_magnitude=float(cfg.augment.randaugment_magnitude),
-        mixup_alpha=float(cfg.augment.mixup_alpha),
-        cutmix_alpha=float(cfg.augment.cutmix_alpha),
-        switch_prob=float(cfg.augment.switch_prob),
-    )
-    data = load_data(cfg)
-    n_train = len(data.x_train)
-    if cfg.train.batch_size > n_train:
-        raise ConfigError(
-            f"config.train.batch_size={cfg.train.batch_size} is larger than the"
-            f" training set ({n_train} examples of {data.name})."
-        )
-    info = dataset_info(data.name)
-    normalizer = Normalizer(data.x_train, cfg.data.normalize)
-    batches = TrainBatches(
-        data.x_train,
-        data.y_train,
-        batch_size=int(cfg.train.batch_size),
-        seed=int(cfg.seed),
-        augment=augment,
-        num_classes=info.num_classes,
-        normalizer=normalizer,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    spe = batches.steps_per_epoch
-    total_steps = int(cfg.train.num_steps) or int(cfg.train.num_epochs) * spe
-    eval_every = int(cfg.train.eval_every) or spe
-    ckpt_every = int(cfg.train.checkpoint_every) or spe
-    log_every = int(cfg.train.log_every)
 
-    model = make_model(cfg, data.name, method)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    schedule = make_schedule(cfg, total_steps)
-    tx = make_optimizer(cfg, schedule)
-    replicated = NamedSharding(mesh, P())
-    metric_names = ("loss", "nll", "kl", "kl_weight", "lr", "grad_norm")
-    state = TrainState(
-        jnp.zeros((), jnp.int32),
-        params,
-        rest,
-        tx.init(params),
-        {k: jnp.zeros((), jnp.float32) for k in metric_names},  # distinct buffers
-    )
-    state = jax.device_put(state, replicated)
+class _Run:
+    """One invocation of a training run (setup, resume, loop, summary)."""
 
-    # ---- the run's identity: config + data actually used (fallback!)
-    run_info = {
-        "config": _jsonable(cfg),
-        "data": {"name": data.name, "source": data.source, "n_train": n_train},
-    }
-    cfg_path = workdir / "config.json"
-    ckpt_dir = workdir / "checkpoints"
-    workdir.mkdir(parents=True, exist_ok=True)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=int(cfg.train.keep_checkpoints),
-        create=True,
-        enable_async_checkpointing=False,
-    )
-    manager = ocp.CheckpointManager(ckpt_dir, options=options)
-    latest = manager.latest_step()
-    start = 0
-    if latest is not None:
-        _check_same_run(cfg_path, run_info, workdir)
-        abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-            state,
-        )
-        restored = manager.restore(
-            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )
-        state = restored["state"]
-        start = int(state.step)
-        if is_main:
-            print(f"dualflow: resumed from {ckpt_dir / str(latest)} (step {start})")
-    if is_main:
-        write_json_atomic(cfg_path, {**run_info, "commit": git_commit(_REPO)}, indent=2)
-    log_path = workdir / "metrics.jsonl"
-    records = _read_records(log_path, upto=start)
-    if is_main:
-        write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records))
-
-    loss_fn = make_loss_fn(
-        graphdef, method=method, likelihood=likelihood, n_data=n_train
-    )
-    # training keys: a stream of their own (not nnx.Rngs(seed)'s init keys)
-    base_key = jax.random.fold_in(jax.random.key(int(cfg.seed)), 0x7A1)
-    members = method.ensemble_size if method.name == "ensemble" else 1
-
-    def train_step(state: TrainState, x, y):
-        key = jax.random.fold_in(base_key, state.step)
-        beta = kl_weight_at(cfg, state.step)
-        (loss, (parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.rest, x, y, key, beta
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        out = {
-            # ensembles: the objective sums members (each gets its own full
-            # gradient); log the member mean, comparable to other methods
-            "loss": loss / members,
-            **parts,
-            "kl_weight": beta,
-            "lr": schedule(state.step),
-            "grad_norm": optax.tree.norm(grads),
+    def __init__(self, cfg, workdir, t_start: float, guard: InterruptGuard):
+        self.cfg, self.t_start, self.guard = cfg, t_start, guard
+        if cfg.mesh.distributed and not jax.distributed.is_initialized():
+            jax.distributed.initialize()  # before anything else touches JAX
+        self.mesh = make_mesh(int(cfg.mesh.num_devices))
+        validate_config(cfg, num_devices=self.mesh.size)
+        self.workdir = Path(workdir).expanduser().resolve()
+        self.is_main = jax.process_index() == 0
+        self.method = method_from_config(cfg)
+        self.likelihood = Likelihood(head=cfg.likelihood.head)
+        self.data = load_data(cfg)
+        self.n_train = len(self.data.x_train)
+        if cfg.train.batch_size > self.n_train:
+            raise ConfigError(
+                f"config.train.batch_size={cfg.train.batch_size} is larger than the"
+                f" training set ({self.n_train} examples of {self.data.name})."
+            )
+        self._setup_batches()
+        self._setup_state()
+        self.run_info = {
+            "config": _jsonable(cfg),
+            "data": {
+                "name": self.data.name,
+                "source": self.data.source,
+                "n_train": self.n_train,
+                "fingerprint": fingerprint(
+                    x_train=self.data.x_train,
+                    y_train=self.data.y_train,
+                    x_test=self.data.x_test,
+                    y_test=self.data.y_test,
+                ),
+            },
         }
-        sums = {k: state.metric_sums[k] + jnp.asarray(out[k], jnp.float32) for k in out}
-        return TrainState(state.step + 1, params, rest, opt_state, sums)
 
-    train_step = jax.jit(train_step, donate_argnums=0, out_shardings=replicated)
-    evaluate = _make_evaluator(cfg, mesh, graphdef, method, likelihood, normalizer)
-
-    def save(state):
-        step = int(state.step)
-        if manager.latest_step() == step:
-            return
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-        manager.wait_until_finished()
-
-    if is_main:
-        print(
-            f"dualflow: {data.name} ({n_train} train / {len(data.x_test)} test,"
-            f" {data.source}); model {cfg.model.name} (norm={_model_norm(cfg)});"
-            f" method {method.name}"
-            + (
-                f" [{method.member} x{method.ensemble_size}]"
-                if method.name == "ensemble"
-                else ""
-            )
-            + f"; {mesh.size} device(s) x {jax.process_count()} host(s);"
-            f" {total_steps} steps of {cfg.train.batch_size} ({spe} per epoch)"
+    # ---- setup ------------------------------------------------------------
+    def _setup_batches(self) -> None:
+        cfg, data = self.cfg, self.data
+        augment = AugmentConfig(
+            crop_pad=int(cfg.augment.crop_pad),
+            flip=bool(cfg.augment.flip),
+            randaugment_ops=int(cfg.augment.randaugment_ops),
+            randaugment_magnitude=float(cfg.augment.randaugment_magnitude),
+            mixup_alpha=float(cfg.augment.mixup_alpha),
+            cutmix_alpha=float(cfg.augment.cutmix_alpha),
+            switch_prob=float(cfg.augment.switch_prob),
         )
-    bar = tqdm(
-        total=total_steps,
-        initial=start,
-        unit="step",
-        desc=f"{method.name}",
-        disable=not (cfg.train.progress and is_main),
-        dynamic_ncols=True,
-    )
-    # speed: training time only (evaluation and saving excluded); each window
-    # ends with a host read of the metric sums, which waits for the device
-    window_time, window_steps = 0.0, 0
-    speeds: list[float] = []  # seconds per step of each finished window
-    t_mark = time.time()
-    last_eval: dict = {}
-    for step, (xb, yb) in prefetch(batches, range(start, total_steps)):
-        x, y = to_global(mesh, xb, yb)
-        state = train_step(state, x, y)
-        done = step + 1
-        window_steps += 1
-        bar.update(1)
-        log_now = done % log_every == 0 or done == total_steps
-        eval_now = done % eval_every == 0 or done == total_steps
-        ckpt_now = done % ckpt_every == 0 or done == total_steps
-        if log_now or eval_now or ckpt_now:
-            jax.block_until_ready(state)
-            window_time += time.time() - t_mark
-        if log_now:
-            sums = jax.device_get(state.metric_sums)
-            n_logged = _steps_since_log(records, done)
-            rec = {
-                "kind": "train",
-                "step": done,
-                "epoch": done / spe,
-                **{k: float(v) / n_logged for k, v in sums.items()},
-                "steps_per_sec": window_steps / window_time,
-                "examples_per_sec": window_steps
-                * int(cfg.train.batch_size)
-                / window_time,
-            }
-            if not math.isfinite(rec["loss"]):
-                raise FloatingPointError(
-                    f"the training loss became {rec['loss']} by step {done}"
-                    f" ({method.name}); lower config.optimizer.lr or the initial"
-                    " variance (config.model.kwargs.init_var)."
-                )
-            speeds.append(window_time / window_steps)
-            window_time, window_steps = 0.0, 0
-            state = state._replace(
-                metric_sums=jax.device_put(
-                    jax.tree.map(jnp.zeros_like, state.metric_sums), replicated
-                )
+        self.normalizer = Normalizer(data.x_train, cfg.data.normalize)
+        self.batches = TrainBatches(
+            data.x_train,
+            data.y_train,
+            batch_size=int(cfg.train.batch_size),
+            seed=int(cfg.seed),
+            augment=augment,
+            num_classes=dataset_info(data.name).num_classes,
+            normalizer=self.normalizer,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        spe = self.spe = self.batches.steps_per_epoch
+        self.total_steps = int(cfg.train.num_steps) or int(cfg.train.num_epochs) * spe
+        self.eval_every = int(cfg.train.eval_every) or spe
+        self.ckpt_every = int(cfg.train.checkpoint_every) or spe
+        self.log_every = int(cfg.train.log_every)
+
+    def _setup_state(self) -> None:
+        cfg = self.cfg
+        model = make_model(cfg, self.data.name, self.method)
+        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self.schedule = make_schedule(cfg, self.total_steps)
+        self.tx = make_optimizer(cfg, self.schedule)
+        self.replicated = NamedSharding(self.mesh, P())
+        metric_names = ("loss", "nll", "kl", "kl_weight", "lr", "grad_norm")
+        state = TrainState(
+            jnp.zeros((), jnp.int32),
+            params,
+            rest,
+            self.tx.init(params),
+            {k: jnp.zeros((), jnp.float32) for k in metric_names},  # distinct buffers
+        )
+        self.state = jax.device_put(state, self.replicated)
+        self.train_step = self._make_train_step()
+        self.evaluate = _make_evaluator(
+            cfg, self.mesh, self.graphdef, self.method, self.likelihood, self.normalizer
+        )
+
+    def _make_train_step(self):
+        cfg, tx, schedule = self.cfg, self.tx, self.schedule
+        loss_fn = make_loss_fn(
+            self.graphdef,
+            method=self.method,
+            likelihood=self.likelihood,
+            n_data=self.n_train,
+        )
+        # training keys: a stream of their own (not nnx.Rngs(seed)'s init keys)
+        base_key = jax.random.fold_in(jax.random.key(int(cfg.seed)), 0x7A1)
+        members = self.method.ensemble_size if self.method.name == "ensemble" else 1
+
+        def train_step(state: TrainState, x, y):
+            key = jax.random.fold_in(base_key, state.step)
+            beta = kl_weight_at(cfg, state.step)
+            (loss, (parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, state.rest, x, y, key, beta
             )
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            records.append(rec)
-            _append(log_path, rec, is_main)
-        if eval_now:
-            last_eval = evaluate(state, data.x_test, data.y_test)
-            rec = {"kind": "eval", "step": done, "epoch": done / spe, **last_eval}
-            records.append(rec)
-            _append(log_path, rec, is_main)
-            if is_main:
-                bar.write(
-                    f"step {done:6d}  epoch {done / spe:6.2f}  test acc"
-                    f" {last_eval['accuracy']:.4f}  nll {last_eval['nll']:.4f}"
-                    f"  ece {last_eval['ece']:.4f}  brier {last_eval['brier']:.4f}"
-                )
-        if ckpt_now:
-            save(state)
-        if log_now or eval_now or ckpt_now:
-            t_mark = time.time()
-        if on_step is not None:
-            on_step(done)
-    bar.close()
-    previous = _read_json(workdir / "summary.json")
-    if not last_eval:  # resumed a finished run: evaluate the restored state
-        last_eval = evaluate(state, data.x_test, data.y_test)
-    save(state)
-    # steady state: the first window of this process includes compilation
-    steady = speeds[1:] or speeds
-    sec_per_step = float(np.median(steady)) if steady else None
-    if sec_per_step is None and previous:  # nothing trained now: keep the record
-        sec_per_step = previous.get("seconds_per_step")
-    summary = {
-        "dataset": data.name,
-        "data_source": data.source,
-        "model": cfg.model.name,
-        "norm": str(_model_norm(cfg)),
-        "method": method.name,
-        "row": cfg.get("row", ""),
-        "steps": int(state.step),
-        "epochs": int(state.step) / spe,
-        "n_train": n_train,
-        "n_test": len(data.x_test),
-        "devices": mesh.size,
-        "hosts": jax.process_count(),
-        **{f"test_{k}": v for k, v in last_eval.items()},
-        "seconds_per_step": sec_per_step,
-        "seconds_per_epoch": sec_per_step * spe if sec_per_step else None,
-        "examples_per_sec": (
-            int(cfg.train.batch_size) / sec_per_step if sec_per_step else None
-        ),
-        "wall_seconds": time.time() - t_start,
-        "commit": git_commit(_REPO),
-    }
-    if is_main:
-        write_json_atomic(workdir / "summary.json", summary, indent=2)
-        if cfg.train.plot:
-            plot_curves(records, workdir / "curves.png", title=_title(summary))
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            out = {
+                # ensembles: the objective sums members (each gets its own full
+                # gradient); log the member mean, comparable to other methods
+                "loss": loss / members,
+                **parts,
+                "kl_weight": beta,
+                "lr": schedule(state.step),
+                "grad_norm": optax.tree.norm(grads),
+            }
+            sums = {
+                k: state.metric_sums[k] + jnp.asarray(out[k], jnp.float32) for k in out
+            }
+            return TrainState(state.step + 1, params, rest, opt_state, sums)
+
+        return jax.jit(train_step, donate_argnums=0, out_shardings=self.replicated)
+
+    # ---- resume -----------------------------------------------------------
+    def _resume(self) -> int:
+        """Restore the newest readable checkpoint; return the step it holds."""
+        self.store = CheckpointStore(
+            self.workdir / "checkpoints",
+            keep=int(self.cfg.train.keep_checkpoints),
+            is_main=self.is_main,
+        )
+        start = 0
+        if self.store.steps():
+            _check_same_run(self.workdir / "config.json", self.run_info, self.workdir)
+            abstract = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                self.state,
+            )
+            report = print if self.is_main else (lambda _msg: None)
+            state, latest = self.store.restore_newest(abstract, report=report)
+            self.state, start = state, int(state.step)
+            self._say(
+                f"dualflow: resumed from {self.store.directory / str(latest)}"
+                f" (step {start})"
+            )
+        return start
+
+    def _say(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+    def _check_interrupt(self, step: int) -> None:
+        """After SIGINT/SIGTERM: checkpoint ``step`` and raise Interrupted."""
+        if self.guard.requested is None:
+            return
+        if step > 0:
+            self._save()
+        self.timing.finish(step, time.time())
+        raise Interrupted(
+            f"interrupted ({self.guard.requested}) at step {step};"
+            " rerun the same command to resume",
+            step,
+        )
+
+    def _save(self) -> None:
+        step = int(self.state.step)
+        if self.store.latest_step() == step:
+            return
+        loss_sum = float(jax.device_get(self.state.metric_sums["loss"]))
+        if not math.isfinite(loss_sum):  # never checkpoint a diverged state
+            self._diverged(step, loss_sum)
+        inject("save", step)
+        inject("save-write", step, directory=self.store.directory)
+        self.store.save(step, self.state)
+
+    def _diverged(self, step: int, value) -> None:
+        last = self.store.latest_step()
+        raise DivergenceError(
+            f"the training loss became {value} by step {step} ({self.method.name});"
+            " lower --config.optimizer.lr or the initial variance"
+            " (--config.model.kwargs.init_var)",
+            hint=(
+                f"the last finite checkpoint (step {last}) is kept"
+                if last is not None
+                else "no checkpoint was written"
+            ),
+        )
+
+    # ---- the loop ---------------------------------------------------------
+    def execute(self, on_step) -> dict:
+        cfg = self.cfg
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.timing = TimingLog(
+            self.workdir / "timing.jsonl",
+            invocation=time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.t_start))
+            + f"-{os.getpid()}",
+            t_start=self.t_start,
+            enabled=self.is_main,
+        )
+        start = self._resume()
+        summary_path = self.workdir / "summary.json"
+        previous = _read_json(summary_path)
+        if start >= self.total_steps and previous and previous.get("steps") == start:
+            self._say(f"dualflow: run already finished ({start} steps); {summary_path}")
+            return previous  # nothing is recomputed or rewritten
+        self._check_interrupt(start)
+        if self.is_main:
+            write_json_atomic(
+                self.workdir / "config.json",
+                {**self.run_info, "commit": git_commit(_REPO)},
+                indent=2,
+            )
+        log_path = self.workdir / "metrics.jsonl"
+        self.records = _read_records(log_path, upto=start)
+        if self.is_main:
+            write_text_atomic(
+                log_path, "".join(json.dumps(r) + "\n" for r in self.records)
+            )
+        self._announce()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=start,
+            unit="step",
+            desc=f"{self.method.name}",
+            disable=not (cfg.train.progress and self.is_main),
+            dynamic_ncols=True,
+        )
+        self.last_eval: dict = {}
+        if start > 0 and self._eval_due(start) and not self._has_eval(start):
+            self._evaluate(start, bar, log_path)  # one cut short by an interrupt
+            self._check_interrupt(start)
+        self._train(start, bar, log_path, on_step)
+        bar.close()
+        return self._finish(previous)
+
+    def _announce(self) -> None:
+        cfg, data, method = self.cfg, self.data, self.method
+        members = (
+            f" [{method.member} x{method.ensemble_size}]"
+            if method.name == "ensemble"
+            else ""
+        )
+        self._say(
+            f"dualflow: {data.name} ({self.n_train} train / {len(data.x_test)} test,"
+            f" {data.source}); model {cfg.model.name} (norm={_model_norm(cfg)});"
+            f" method {method.name}{members}; {self.mesh.size} device(s) x"
+            f" {jax.process_count()} host(s); {self.total_steps} steps of"
+            f" {cfg.train.batch_size} ({self.spe} per epoch)"
+        )
+
+    def _eval_due(self, done: int) -> bool:
+        return done % self.eval_every == 0 or done == self.total_steps
+
+    def _has_eval(self, step: int) -> bool:
+        return any(
+            r.get("kind") == "eval" and r.get("step") == step for r in self.records
+        )
+
+    def _train(self, start: int, bar, log_path: Path, on_step) -> None:
+        # speed: training time only (evaluation and saving excluded); each
+        # window ends with a host read of the metric sums, which waits for the
+        # device; windows go to timing.jsonl as they close
+        window_time, window_steps = 0.0, 0
+        t_mark = time.time()
+        inject("compile")
+        for step, (xb, yb) in prefetch(self.batches, range(start, self.total_steps)):
+            x, y = to_global(self.mesh, xb, yb)
+            self.state = self.train_step(self.state, x, y)
+            done = step + 1
+            inject("step", done)  # test hook: a signal arriving during the step
+            window_steps += 1
+            bar.update(1)
+            log_now = done % self.log_every == 0 or done == self.total_steps
+            eval_now = self._eval_due(done)
+            ckpt_now = done % self.ckpt_every == 0 or done == self.total_steps
+            stop = self.guard.requested is not None
+            if log_now or eval_now or ckpt_now or stop:
+                jax.block_until_ready(self.state)
+                window_time += time.time() - t_mark
+                self.timing.window(done, window_steps, window_time, time.time())
+            if log_now:
+                self._log(done, window_steps, window_time, bar, log_path)
+            if log_now or eval_now or ckpt_now or stop:
+                window_time, window_steps = 0.0, 0
+            if eval_now:
+                self._evaluate(done, bar, log_path)
+            if ckpt_now:
+                self._save()
+            self._check_interrupt(done)
+            if log_now or eval_now or ckpt_now:
+                t_mark = time.time()
+            if on_step is not None:
+                on_step(done)
+
+    def _log(self, done, window_steps, window_time, bar, log_path) -> None:
+        sums = jax.device_get(self.state.metric_sums)
+        n_logged = _steps_since_log(self.records, done)
+        rec = {
+            "kind": "train",
+            "step": done,
+            "epoch": done / self.spe,
+            **{k: float(v) / n_logged for k, v in sums.items()},
+            "steps_per_sec": window_steps / window_time,
+            "examples_per_sec": window_steps
+            * int(self.cfg.train.batch_size)
+            / window_time,
+        }
+        if not math.isfinite(rec["loss"]):
+            self._diverged(done, rec["loss"])
+        self.state = self.state._replace(
+            metric_sums=jax.device_put(
+                jax.tree.map(jnp.zeros_like, self.state.metric_sums), self.replicated
+            )
+        )
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        self.records.append(rec)
+        _append(log_path, rec, self.is_main)
+
+    def _evaluate(self, done: int, bar, log_path: Path) -> None:
+        inject("eval", done)
+        result = self.evaluate(
+            self.state,
+            self.data.x_test,
+            self.data.y_test,
+            should_stop=lambda: self.guard.requested is not None,
+        )
+        if result is None:  # interrupted: evaluated again on resume
+            return
+        self.last_eval = result
+        rec = {"kind": "eval", "step": done, "epoch": done / self.spe, **result}
+        self.records.append(rec)
+        _append(log_path, rec, self.is_main)
+        if self.is_main:
+            bar.write(
+                f"step {done:6d}  epoch {done / self.spe:6.2f}  test acc"
+                f" {result['accuracy']:.4f}  nll {result['nll']:.4f}"
+                f"  ece {result['ece']:.4f}  brier {result['brier']:.4f}"
+            )
+
+    # ---- summary ----------------------------------------------------------
+    def _finish(self, previous: dict | None) -> dict:
+        cfg, data, state = self.cfg, self.data, self.state
+        if not self.last_eval:  # e.g. summary.json was lost after the last save
+            self.last_eval = self.evaluate(state, data.x_test, data.y_test)
+        self._save()
+        self.timing.finish(int(state.step), time.time())
+        timing = timing_summary(self.workdir / "timing.jsonl")
+        sec_per_step = timing["seconds_per_step"]
+        if sec_per_step is None and previous:  # no timing file (older runs)
+            sec_per_step = previous.get("seconds_per_step")
+        bs = int(cfg.train.batch_size)
+        summary = {
+            "dataset": data.name,
+            "data_source": data.source,
+            "data_fingerprint": self.run_info["data"]["fingerprint"],
+            "model": cfg.model.name,
+            "norm": str(_model_norm(cfg)),
+            "method": self.method.name,
+            "row": cfg.get("row", ""),
+            "steps": int(state.step),
+            "epochs": int(state.step) / self.spe,
+            "n_train": self.n_train,
+            "n_test": len(data.x_test),
+            "devices": self.mesh.size,
+            "hosts": jax.process_count(),
+            **{f"test_{k}": v for k, v in self.last_eval.items()},
+            "seconds_per_step": sec_per_step,
+            "seconds_per_epoch": sec_per_step * self.spe if sec_per_step else None,
+            "examples_per_sec": bs / sec_per_step if sec_per_step else None,
+            "wall_seconds": timing["wall_seconds"],
+            "train_seconds": timing["train_seconds"],
+            "steps_run": timing["steps_run"],
+            "invocations": timing["invocations"],
+            "commit": git_commit(_REPO),
+        }
+        if self.is_main:
+            write_json_atomic(self.workdir / "summary.json", summary, indent=2)
+            if cfg.train.plot:
+                plot_curves(self.records, self.workdir / "curves.png", _title(summary))
+            self._print_summary(summary)
+        return summary
+
+    def _print_summary(self, s: dict) -> None:
         speed = (
-            f"{summary['seconds_per_epoch']:.2f} s/epoch,"
-            f" {summary['examples_per_sec']:.0f} examples/s"
-            if sec_per_step
+            f"{s['seconds_per_epoch']:.2f} s/epoch,"
+            f" {s['examples_per_sec']:.0f} examples/s"
+            if s["seconds_per_step"]
             else "speed n/a"
         )
         print(
-            f"summary: {summary['dataset']} {summary['model']} {summary['method']}"
-            f" | test acc {summary['test_accuracy']:.4f} nll"
-            f" {summary['test_nll']:.4f} ece {summary['test_ece']:.4f} brier"
-            f" {summary['test_brier']:.4f} | {summary['steps']} steps, {speed} |"
-            f" wall {summary['wall_seconds']:.1f} s | {workdir}"
+            f"summary: {s['dataset']} {s['model']} {s['method']}"
+            f" | test acc {s['test_accuracy']:.4f} nll"
+            f" {s['test_nll']:.4f} ece {s['test_ece']:.4f} brier"
+            f" {s['test_brier']:.4f} | {s['steps']} steps, {speed} |"
+            f" wall {s['wall_seconds']:.1f} s | {self.workdir}"
         )
-    return summary
 
 
 def _train_records(records: list[dict]) -> list[dict]:
@@ -594,14 +739,24 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _check_same_run(cfg_path: Path, run_info: dict, workdir: Path) -> None:
-    """Refuse to resume a checkpointed run with a different config or data."""
+    """Refuse to resume a checkpointed run with a different config or data.
+
+    The data are compared by name, size and fingerprint (runs recorded before
+    fingerprints existed are compared by name and size only)."""
     old = _read_json(cfg_path)
     if old is None:
-        return
+        raise CheckpointError(
+            f"workdir {workdir} holds checkpoints but its config.json is missing or"
+            " unreadable, so it cannot be checked that they belong to this config.",
+            hint=(
+                f"restore {cfg_path}, or move {workdir / 'checkpoints'} away to"
+                " start over (or pass a new --workdir)"
+            ),
+        )
     diff = _config_diff(old.get("config", {}), run_info["config"])
     old_data, new_data = old.get("data", {}), run_info["data"]
-    for k in ("name", "n_train"):
-        if old_data.get(k) != new_data[k]:
+    for k in ("name", "n_train", "fingerprint"):
+        if k in old_data and old_data.get(k) != new_data[k]:
             diff.append(f"data {k}: {old_data.get(k)!r} -> {new_data[k]!r}")
     if diff:
         raise ConfigError(
@@ -633,12 +788,21 @@ def _make_evaluator(cfg, mesh, graphdef, method, likelihood, normalizer):
         )
         return pred.probs
 
-    def evaluate(state: TrainState, x_test: np.ndarray, y_test: np.ndarray) -> dict:
+    def evaluate(
+        state: TrainState,
+        x_test: np.ndarray,
+        y_test: np.ndarray,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict | None:
+        """Metrics over the test set; ``None`` if ``should_stop()`` turned true
+        between batches (an interrupt: the evaluation is redone on resume)."""
         n = len(x_test)
         nproc, pid = jax.process_count(), jax.process_index()
         local = bs // nproc
         out = []
         for i, start in enumerate(range(0, n, bs)):
+            if should_stop is not None and should_stop() and nproc == 1:
+                return None
             xb = x_test[start : start + bs]
             pad = bs - len(xb)
             if pad:
