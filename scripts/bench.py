@@ -14,7 +14,6 @@ ratios to `deterministic` (and `bp` / `bp autodiff`) and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from dualflow import cli  # noqa: E402
 from dualflow import nn as dnn  # noqa: E402
 from dualflow.io import write_json_atomic  # noqa: E402
 from dualflow.train.fit import make_train_step  # noqa: E402
@@ -169,8 +169,9 @@ def bench_model(model_name, steps, batch):
     return rows
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, benchmark every model, write the JSON."""
+    ap = cli.argument_parser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mlp,conv")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--mlp-batch", type=int, default=128)
@@ -178,7 +179,12 @@ def main(argv=None):
     ap.add_argument("--out", default="results/bench.json")
     args = ap.parse_args(argv)
     if args.steps < 1:
-        ap.error("--steps must be >= 1")
+        ap.error(f"--steps: must be >= 1, got {args.steps}")
+    for flag in ("mlp_batch", "conv_batch"):
+        if getattr(args, flag) < 1:
+            name = flag.replace("_", "-")
+            ap.error(f"--{name}: must be >= 1, got {getattr(args, flag)}")
+    models = cli.parse_list(args.models, "models", choices=("mlp", "conv"))
     dev = jax.devices()[0]
     print(
         f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}),"
@@ -191,9 +197,7 @@ def main(argv=None):
         "steps": args.steps,
         "models": {},
     }
-    for model_name in args.models.split(","):
-        if model_name not in ("mlp", "conv"):
-            ap.error(f"unknown model {model_name!r}; use mlp and/or conv")
+    for model_name in models:
         batch = args.mlp_batch if model_name == "mlp" else args.conv_batch
         rows = bench_model(model_name, args.steps, batch)
         result["models"][model_name] = {"batch": batch, "rows": rows}
@@ -222,4 +226,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_plain(main)

@@ -15,7 +15,6 @@ Record the figures in docs/benchmarks.md with the command line.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
@@ -30,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
 
-from dualflow import moments, objectives  # noqa: E402
+from dualflow import cli, moments, objectives  # noqa: E402
 
 
 def mlp_params(key, sizes):
@@ -150,13 +149,18 @@ def race(steps: dict, repeats: int) -> dict:
     return {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and print the table."""
+    ap = cli.argument_parser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--conv-batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--activation", default="relu", choices=["relu", "tanh"])
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    for flag in ("batch", "conv_batch", "repeats"):
+        if getattr(args, flag) < 1:
+            name = flag.replace("_", "-")
+            ap.error(f"--{name}: must be >= 1, got {getattr(args, flag)}")
     key = jax.random.PRNGKey(0)
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform}; "
@@ -208,4 +212,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_plain(main)

@@ -13,7 +13,6 @@ docs/models.md with the command line.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ if _REPO not in sys.path:
 
 import jax  # noqa: E402
 
+from dualflow import cli  # noqa: E402
 from dualflow.benchmarks.models import (  # noqa: E402
     BENCH_MODELS,
     TINY,
@@ -64,8 +64,9 @@ def _mc(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, measure the models, write JSON and markdown."""
+    ap = cli.argument_parser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--models",
         default="",
@@ -85,17 +86,18 @@ def main(argv=None) -> int:
     ap.add_argument("--init_var", type=float, default=1e-3)
     ap.add_argument("--samples", type=int, default=4000)
     args = ap.parse_args(argv)
+    for flag in ("batch", "repeats", "samples"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
     if args.mc:
         return _mc(args)
-    want = [w.strip() for w in args.models.split(",") if w.strip()]
+    want = cli.parse_list(args.models, "models", allow_empty=True)
     rows = [r for r in BENCH_MODELS if not want or r[0] in want or r[1] in want]
     unknown = [w for w in want if not any(w in (r[0], r[1]) for r in BENCH_MODELS)]
     if unknown or not rows:
         known = ", ".join(r[0] for r in BENCH_MODELS)
-        print(
-            f"error: unknown --models {unknown}; choose from: {known}", file=sys.stderr
-        )
-        return 2
+        bad = ", ".join(map(repr, unknown))
+        cli.fail(f"--models: unknown {bad}; choose from {known}")
     dev = jax.devices()[0]
     print(
         f"jax {jax.__version__} on {dev.platform} ({platform.processor() or '?'},"
@@ -106,13 +108,16 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for i, (label, name, kw) in enumerate(rows, 1):
         print(f"[{i}/{len(rows)}] {label}", flush=True)
-        r = measure_model(
-            name,
-            kw,
-            batch=args.batch,
-            repeats=args.repeats,
-            log=lambda s: print(s, flush=True),
-        )
+        try:
+            r = measure_model(
+                name,
+                kw,
+                batch=args.batch,
+                repeats=args.repeats,
+                log=lambda s: print(s, flush=True),
+            )
+        except FloatingPointError as err:  # a diverged step: one line, exit 2
+            cli.diverged(err)
         r["label"] = label
         records.append(r)
         labels.append(label)
@@ -149,4 +154,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_plain(main)

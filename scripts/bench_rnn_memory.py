@@ -23,11 +23,13 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
+
+from dualflow import cli  # noqa: E402
 
 flags.DEFINE_integer("seq_len", 1000, "Sequence length T.")
 flags.DEFINE_integer("batch", 32, "Batch size N.")
@@ -43,12 +45,18 @@ flags.DEFINE_integer("repeats", 5, "Timed rounds (median; variants take turns)."
 flags.DEFINE_string("out", "results/rnn_memory/bench.json", "JSON output path.")
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Check the flags, run the benchmark, print and write the table."""
     del argv
-    from dualflow.benchmarks.rnn_memory import Config, run_benchmark
+    from dualflow.benchmarks.rnn_memory import CELLS, LEVELS, Config, run_benchmark
     from dualflow.io import git_commit, write_json_atomic, write_text_atomic
 
     F = flags.FLAGS
+    levels = cli.parse_list(F.levels, "levels", choices=LEVELS)
+    cells = cli.parse_list(F.cells, "cells", choices=CELLS)
+    for name in ("seq_len", "batch", "hidden", "in_features", "depth", "repeats"):
+        if F[name].value < 1:
+            cli.fail(f"--{name}: must be >= 1, got {F[name].value}")
     cfg = Config(
         seq_len=F.seq_len,
         batch=F.batch,
@@ -60,8 +68,8 @@ def main(argv):
     t0 = time.perf_counter()
     result = run_benchmark(
         cfg,
-        levels=F.levels,
-        cells=F.cells,
+        levels=levels,
+        cells=cells,
         repeats=F.repeats,
         log=lambda s: print(s, flush=True),
     )
@@ -83,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, allow_args=False)

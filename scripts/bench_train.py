@@ -17,11 +17,13 @@ import os
 import sys
 import tempfile
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
+
+from dualflow import cli  # noqa: E402
 
 flags.DEFINE_string("config", "configs/mnist_mlp.py", "Config file (takes a method).")
 flags.DEFINE_string(
@@ -34,23 +36,51 @@ flags.DEFINE_integer("full_train_size", 60_000, "Training-set size to extrapolat
 flags.DEFINE_string("out", "results/train", "Output folder.")
 
 
-def main(argv):
+def _load(path: str, method: str):
+    """The config file's ``get_config(method)``; mistakes end in one line."""
+    from dualflow.train.config import load_config_file
+
+    try:
+        return load_config_file(path, method)
+    except SyntaxError as err:
+        cli.fail(
+            f"--config: {path} is not a Python config file"
+            f" (line {err.lineno}: {err.msg})"
+        )
+    except (TypeError, AttributeError) as err:  # no get_config(method)
+        cli.fail(
+            f"--config: {path} has no get_config(method) ({err})",
+            "pass a config that takes a method, e.g. configs/mnist_mlp.py",
+        )
+
+
+def main(argv: list[str]) -> None:
+    """Train the config once per method and tabulate the epoch times."""
     del argv
     logging.set_verbosity(logging.WARNING)
     from dualflow.io import git_commit, write_json_atomic, write_text_atomic
-    from dualflow.train.config import load_config_file
+    from dualflow.nn.context import METHODS
     from dualflow.train.trainer import train_and_evaluate
 
     F = flags.FLAGS
+    methods = cli.parse_list(F.methods, "methods", choices=METHODS)
+    for name in ("epochs", "full_train_size"):
+        if F[name].value < 1:
+            cli.fail(f"--{name}: must be >= 1, got {F[name].value}")
+    path = os.path.join(_REPO, F.config)
+    cfgs = {m: _load(path, m) for m in methods}  # every mistake before training
     rows = []
-    for method in F.methods.split(","):
-        cfg = load_config_file(os.path.join(_REPO, F.config), method)
+    for method in methods:
+        cfg = cfgs[method]
         cfg.train.num_epochs = F.epochs
         cfg.train.num_steps = 0
         cfg.train.plot = False
         cfg.train.progress = False
         with tempfile.TemporaryDirectory() as wd:
-            s = train_and_evaluate(cfg, wd)
+            try:
+                s = train_and_evaluate(cfg, wd)
+            except FloatingPointError as err:
+                cli.diverged(err)
         full_steps = F.full_train_size // cfg.train.batch_size
         rows.append(
             {
@@ -98,4 +128,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, allow_args=False)

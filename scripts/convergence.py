@@ -36,11 +36,14 @@ import platform
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
+
+from dualflow import cli  # noqa: E402
+from dualflow.errors import DivergenceError  # noqa: E402
 
 METHODS = ("bp", "reparam", "local_reparam", "flipout", "deterministic")
 SAMPLERS = ("reparam", "local_reparam", "flipout")
@@ -182,7 +185,10 @@ def train_method(method: str, data, splits, F, wall_budget: float) -> dict:
             loss = float(m["loss"])  # waits for the step
             train_s += time.perf_counter() - t1
             if not np.isfinite(loss):
-                raise FloatingPointError(f"{method}: loss {loss} at step {done}.")
+                raise DivergenceError(
+                    f"{method}: loss {loss} at step {done}.",
+                    hint="lower --lr or --init_var",
+                )
             done += 1
             sums += loss
             nll_sums += float(m["nll"])
@@ -439,7 +445,7 @@ def resummarise(F, command: str) -> None:
 
     path = os.path.join(F.out, "results.json")
     if not os.path.isfile(path):
-        raise SystemExit(f"--resummarise: no {path}; run the study first.")
+        cli.fail(f"--resummarise: no {path}", "run the study first")
     with open(path) as f:
         result = json.load(f)
     keep = (
@@ -467,7 +473,8 @@ def resummarise(F, command: str) -> None:
     print(_markdown(result))
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Train every method, then write the summary, table and figure."""
     del argv
     import jax
 
@@ -486,10 +493,15 @@ def main(argv):
         F.wall_budget = F.wall_budget or 1e-9  # no budget filling in tests
     if F.resummarise:
         return resummarise(F, command)
-    bad = [m for m in F.methods if m not in METHODS]
-    if bad:
-        raise SystemExit(f"unknown methods {bad}; choose from {METHODS}.")
-    methods = sorted(F.methods, key=lambda m: m != "bp")  # bp sets the budget
+    methods = cli.parse_list(F.methods, "methods", choices=METHODS)
+    if any(w < 1 for w in cli.parse_list(F.widths, "widths", type=int)):
+        cli.fail(f"--widths: must be >= 1, got {','.join(F.widths)}")
+    for name in ("epochs", "batch_size", "eval_every", "eval_samples"):
+        if F[name].value < 1:
+            cli.fail(f"--{name}: must be >= 1, got {F[name].value}")
+    if not 0.0 < F.val_fraction < 1.0:
+        cli.fail(f"--val_fraction: must be in (0, 1), got {F.val_fraction}")
+    methods = sorted(methods, key=lambda m: m != "bp")  # bp sets the budget
     t_start = time.time()
     data = load_study_data("mnist", "mnist_5k", F.data_dir, flatten=True)
     splits = data.split_validation(F.val_fraction, seed=F.seed)
@@ -549,4 +561,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, allow_args=False)

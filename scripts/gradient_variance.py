@@ -36,11 +36,13 @@ import platform
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
+
+from dualflow import cli  # noqa: E402
 
 METHODS = ("bp", "reparam", "local_reparam", "flipout", "deterministic")
 MODELS = ("dense", "vgg16")
@@ -293,8 +295,8 @@ def combine(out: str, command: str) -> dict:
                 runs.append(json.load(f))
     runs.sort(key=lambda r: (MODELS.index(r["model"]), r["init_var"]))
     if not runs:
-        raise SystemExit(
-            f"no {_RUN_PREFIX}*.json files in {out}: run without --plot_only."
+        cli.fail(
+            f"no {_RUN_PREFIX}*.json files in {out}", "run without --plot_only first"
         )
     records = [r for run in runs for r in run["records"]]
     result = {
@@ -481,7 +483,31 @@ def _plot(runs: list[dict], path: str) -> None:
     os.replace(tmp, path)
 
 
-def main(argv):
+def _check_flags(F) -> None:
+    """Every flag value a run needs, checked before any work (one-line errors)."""
+    from dualflow.nn.context import METHODS as ALL_METHODS
+
+    cli.parse_list(F.methods, "methods", choices=METHODS)
+    cli.parse_list(F.models, "models", choices=MODELS)
+    if F.warm_method not in ALL_METHODS:
+        cli.fail(
+            f"--warm_method: unknown {F.warm_method!r};"
+            f" choose from {', '.join(ALL_METHODS)}"
+        )
+    for name in ("batch_sizes", "dense_widths"):
+        if any(v < 1 for v in cli.parse_list(F[name].value, name, type=int)):
+            cli.fail(f"--{name}: must be >= 1, got {','.join(F[name].value)}")
+    if any(v <= 0 for v in cli.parse_list(F.init_vars, "init_vars", type=float)):
+        cli.fail(f"--init_vars: must be > 0, got {','.join(F.init_vars)}")
+    if F.num_samples < 2:
+        cli.fail(f"--num_samples: must be >= 2, got {F.num_samples}")
+    for name in ("num_batches", "warm_epochs"):
+        if F[name].value < 1:
+            cli.fail(f"--{name}: must be >= 1, got {F[name].value}")
+
+
+def main(argv: list[str]) -> None:
+    """Measure every (model, init_var) run, then combine them."""
     del argv
     F = flags.FLAGS
     from dualflow.io import write_json_atomic
@@ -499,13 +525,7 @@ def main(argv):
         F.max_train = F.max_train or 1000
         if "vgg16" in F.models:
             F.models = [m for m in F.models if m != "vgg16"] or ["dense"]
-    bad = [m for m in F.methods if m not in METHODS] + [
-        m for m in F.models if m not in MODELS
-    ]
-    if bad:
-        raise SystemExit(
-            f"unknown method/model {bad}; choose from {METHODS}, {MODELS}."
-        )
+    _check_flags(F)
     os.makedirs(F.out, exist_ok=True)
     t0 = time.time()
     if not F.plot_only:
@@ -517,7 +537,11 @@ def main(argv):
                     if run["records"]:  # an empty run would replace a real one
                         write_json_atomic(path, {**run, "command": command})
 
-                save(run_model(name, F, float(iv), save))
+                try:
+                    run = run_model(name, F, float(iv), save)
+                except FloatingPointError as err:  # the warm start diverged
+                    cli.diverged(err, "lower --lr (dense) or --vgg_lr (vgg16)")
+                save(run)
     combine(F.out, command)
     print(
         f"wrote {F.out}/results.json, results.md, gradient_variance.png"
@@ -526,4 +550,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, allow_args=False)

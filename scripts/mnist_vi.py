@@ -45,11 +45,14 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
+
+from dualflow import cli  # noqa: E402
+from dualflow.errors import DivergenceError  # noqa: E402
 
 flags.DEFINE_string("data_dir", None, "MNIST folder (else $DUALFLOW_DATA_DIR).")
 flags.DEFINE_string("out_dir", "results/mnist_vi", "Output folder.")
@@ -248,7 +251,10 @@ def _train(
             if it > 1:
                 train_seconds += time.perf_counter() - t0
             if not math.isfinite(loss):
-                raise FloatingPointError(f"{name}: loss {loss} at iteration {it}")
+                raise DivergenceError(
+                    f"{name}: loss {loss} at iteration {it}",
+                    hint="lower --lr (or --ng_lr) or --init_logvar",
+                )
             bar.set_postfix(loss=f"{loss:.3f}")
             evaluate(it)
             t0 = time.perf_counter()  # evaluations (and the compile) not timed
@@ -332,7 +338,8 @@ def _table(records, eval_at_end: int, spi: dict) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Train the three methods and write the records, table and curves."""
     del argv
     F = flags.FLAGS
     t_start = time.time()
@@ -348,6 +355,10 @@ def main(argv):
         F.ng_lrs = ["300"]
     if F.quick and F.out_dir == flags.FLAGS["out_dir"].default:
         F.out_dir = "results/tmp/mnist_vi_quick"  # never overwrites a full run
+    lrs = cli.parse_list(F.ng_lrs, "ng_lrs", type=float)
+    for name in ("iterations", "eval_every", "batch_size", "hidden", "eval_samples"):
+        if F[name].value < 1:
+            cli.fail(f"--{name}: must be >= 1, got {F[name].value}")
     out = Path(F.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     x, y, xt, yt, dataset, why = _load(F.data_dir or None)
@@ -369,7 +380,6 @@ def main(argv):
     tuning = []
     ng_lr = F.ng_lr
     if ng_lr <= 0:
-        lrs = [float(v) for v in F.ng_lrs]
         print(f"tuning the NG learning rate over {lrs} on {F.val_size} held-out")
         t0 = time.time()
         ng_lr, tuning = _tune_ng(x, y, cfg, lrs, F.val_size, F.progress)
@@ -507,4 +517,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, allow_args=False)

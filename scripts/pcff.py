@@ -45,11 +45,13 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
+
+from dualflow import cli  # noqa: E402
 
 flags.DEFINE_string(
     "datasets",
@@ -96,11 +98,8 @@ QUICK = {
 
 
 def _split(value: str, allowed=None, what: str = "") -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if allowed is not None and v not in allowed]
-    if bad or not items:
-        raise app.UsageError(f"--{what}: got {value!r}; choose from {allowed}.")
-    return items
+    """Comma-separated ``--what``; an empty or unknown item: one error line."""
+    return cli.parse_list(value, what, choices=allowed)
 
 
 def load_data(name: str, data_dir: str | None, val_fraction: float):
@@ -366,7 +365,8 @@ def markdown(summary, meta) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Run every (data set, activation, regulariser, seed) and summarise."""
     del argv
     logging.set_verbosity(logging.WARNING)
     import jax
@@ -378,13 +378,17 @@ def main(argv):
         for k, v in QUICK.items():
             if not F[k].present:
                 setattr(F, k, v)
-    datasets = _split(F.datasets, what="datasets")
+    from dualflow.data.images import IMAGE_LOADERS
+
+    datasets = _split(F.datasets, tuple(IMAGE_LOADERS), "datasets")
     acts = _split(F.activations, ACTIVATIONS, "activations")
     regs = _split(F.regularisers, REGULARISERS, "regularisers")
-    try:
-        seeds = [int(s) for s in _split(F.seeds, what="seeds")]
-    except ValueError as e:
-        raise app.UsageError(f"--seeds must be integers: {e}") from e
+    seeds = cli.parse_list(F.seeds, "seeds", type=int)
+    for name in ("width", "depth", "batch_size", "max_epochs", "patience"):
+        if F[name].value < 1:
+            cli.fail(f"--{name}: must be >= 1, got {F[name].value}")
+    if not 0.0 < F.val_fraction < 1.0:
+        cli.fail(f"--val_fraction: must be in (0, 1), got {F.val_fraction}")
     rates = {
         ("tanh", "pcff"): F.pcff_rate_tanh,
         ("relu", "pcff"): F.pcff_rate_relu,
@@ -472,4 +476,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, allow_args=False)

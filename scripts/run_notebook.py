@@ -9,14 +9,20 @@ file is rewritten atomically, and only if every cell succeeded.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import io
 import json
+import os
 import pathlib
 import sys
 import traceback
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # allow running from a checkout without installing
+    sys.path.insert(0, _REPO)
+
+from dualflow import cli  # noqa: E402
 
 
 def execute(nb: dict, *, capture_figures: bool = True) -> dict:
@@ -71,14 +77,29 @@ def execute(nb: dict, *, capture_figures: bool = True) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _read_notebook(path: pathlib.Path) -> dict:
+    """The notebook's JSON; a missing or malformed file is one error line."""
+    try:
+        nb = json.loads(path.read_text())
+    except FileNotFoundError:
+        cli.fail(f"notebook {path} does not exist")
+    except (OSError, UnicodeDecodeError) as err:
+        cli.fail(f"cannot read notebook {path}: {err}")
+    except json.JSONDecodeError as err:
+        cli.fail(f"{path} is not a notebook (invalid JSON: {err})")
+    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
+        cli.fail(f"{path} is not a notebook (no 'cells' list)")
+    return nb
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Execute the notebook named on the command line and rewrite it."""
+    ap = cli.argument_parser(description=__doc__.splitlines()[0])
     ap.add_argument("notebook", type=pathlib.Path)
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    nb = json.loads(args.notebook.read_text())
+    nb = _read_notebook(args.notebook)
     done = execute(nb)
-    from dualflow.io import write_json_atomic  # after the sys.path insert
+    from dualflow.io import write_json_atomic
 
     write_json_atomic(args.notebook, done, indent=1, ensure_ascii=False)
     print(f"executed {args.notebook}")
@@ -86,4 +107,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run_plain(main)

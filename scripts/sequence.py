@@ -33,11 +33,13 @@ import os
 import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
+
+from dualflow import cli  # noqa: E402
 
 flags.DEFINE_string("studies", "adding,mnist", "Comma-separated: adding, mnist.")
 flags.DEFINE_string("out_dir", "results/sequence", "Output folder.")
@@ -79,28 +81,18 @@ flags.DEFINE_bool(
 )
 
 
-def _fail(msg: str) -> None:
-    """A usage mistake: one ``error:`` line, exit code 2, nothing written."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def _split(value: str, allowed=None, what: str = "") -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if allowed is not None and v not in allowed]
-    if bad or not items:
-        _fail(f"--{what}: got {value!r}; choose from {allowed}.")
-    return items
+    """Comma-separated ``--what``; an empty or unknown item: one error line."""
+    return cli.parse_list(value, what, choices=allowed)
 
 
 def _ints(value: str, what: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in _split(value, what=what))
-    except ValueError as e:
-        _fail(f"--{what} must be integers: {e}")
+    """Comma-separated integers of ``--what`` (one error line otherwise)."""
+    return tuple(cli.parse_list(value, what, type=int))
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Run the chosen studies (usage mistakes: one error line, nothing written)."""
     del argv
     logging.set_verbosity(logging.WARNING)
     from dualflow.benchmarks import sequence as seq
@@ -108,14 +100,18 @@ def main(argv):
 
     F = flags.FLAGS
     studies = _split(F.studies, ("adding", "mnist"), "studies")
+    pairs = _split(F.adding_steps, None, "adding_steps")
     try:
-        steps = tuple(
-            (int(a), int(b)) for a, b in (p.split(":") for p in _split(F.adding_steps))
-        )
+        steps = tuple((int(a), int(b)) for a, b in (p.split(":") for p in pairs))
     except ValueError:
-        _fail(f"--adding_steps: T:steps pairs such as 100:2000, got {F.adding_steps!r}")
+        cli.fail(
+            f"--adding_steps: T:steps pairs such as 100:2000, got {F.adding_steps!r}"
+        )
+    seq_lens = _ints(F.seq_lens, "seq_lens")
+    if min(seq_lens) < 2:
+        cli.fail(f"--seq_lens: every T must be >= 2, got {F.seq_lens!r}")
     adding = seq.AddingConfig(
-        seq_lens=_ints(F.seq_lens, "seq_lens"),
+        seq_lens=seq_lens,
         methods=tuple(_split(F.adding_methods, seq.ADDING_METHODS, "adding_methods")),
         seeds=_ints(F.adding_seeds, "adding_seeds"),
         steps=steps,
@@ -154,4 +150,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, allow_args=False)

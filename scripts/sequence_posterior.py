@@ -15,11 +15,13 @@ import dataclasses
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
+
+from dualflow import cli  # noqa: E402
 
 flags.DEFINE_integer("seq_len", 50, "Sequence length T of the adding problem.")
 flags.DEFINE_integer("epochs", 20, "Epochs over the training sequences.")
@@ -28,20 +30,16 @@ flags.DEFINE_string("out_dir", "results/sequence", "Output folder.")
 flags.DEFINE_bool("quick", False, "Tiny run for tests (seconds).")
 
 
-def _fail(msg: str) -> None:
-    """One ``error:`` line and exit code 2 (a usage mistake, nothing written)."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+def main(argv: list[str]) -> None:
+    """Train, read off the smoothed states, plot (mistakes: one error line)."""
+    del argv  # positional arguments are refused by cli.run
     from dualflow.benchmarks.rnn_posterior import PosteriorConfig, run_posterior_study
 
     F = flags.FLAGS
-    if F.seq_len < 2 or F.epochs < 1:
-        _fail("--seq_len must be >= 2 and --epochs >= 1.")
+    if F.seq_len < 2:
+        cli.fail(f"--seq_len: must be >= 2, got {F.seq_len}")
+    if F.epochs < 1:
+        cli.fail(f"--epochs: must be >= 1, got {F.epochs}")
     cfg = PosteriorConfig(seq_len=F.seq_len, epochs=F.epochs, seed=F.seed)
     if F.quick:
         cfg = dataclasses.replace(
@@ -54,7 +52,10 @@ def main(argv):
             epochs=1,
             units=2,
         )
-    s = run_posterior_study(cfg, F.out_dir, progress=not F.quick)
+    try:
+        s = run_posterior_study(cfg, F.out_dir, progress=not F.quick)
+    except FloatingPointError as err:  # training diverged (dualflow.train.fit)
+        cli.diverged(err)
     print(
         f"test MSE {s['test_mse']:.4f} (predict-1.0 baseline ~0.167), train"
         f" {s['train_seconds']:.0f} s; sequence target {s['target']:.3f}, predictive"
@@ -70,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, allow_args=False)

@@ -40,11 +40,13 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
+
+from dualflow import cli  # noqa: E402
 
 flags.DEFINE_string("out_dir", "results/sine_vi", "Output folder.")
 flags.DEFINE_integer("iterations", 50_000, "Full-batch Adam steps per run.")
@@ -248,7 +250,8 @@ def _plot(curves, data, betas, path: Path, cfg: dict) -> None:
     plt.close(fig)
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Train both methods for every beta; write records, table and figure."""
     del argv
     F = flags.FLAGS
     t_start = time.time()
@@ -263,9 +266,14 @@ def main(argv):
         F.betas = ["1", "0.0001"]
     if F.quick and F.out_dir == flags.FLAGS["out_dir"].default:
         F.out_dir = "results/tmp/sine_vi_quick"  # never overwrites a full run
+    betas = cli.parse_list(F.betas, "betas", type=float)
+    if any(b < 0 for b in betas):
+        cli.fail(f"--betas: KL weights must be >= 0, got {','.join(F.betas)}")
+    for name in ("iterations", "n_train", "n_test", "samples"):
+        if F[name].value < 1:
+            cli.fail(f"--{name}: must be >= 1, got {F[name].value}")
     out = Path(F.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    betas = [float(b) for b in F.betas]
     x, y, xt, yt = make_data(F.n_train, F.n_test, F.x_max, F.noise_std, F.seed)
     xg = np.linspace(-F.plot_max, F.plot_max, 201, dtype=np.float32)[:, None]
     lik = dnn.Likelihood("gaussian", noise_var=F.noise_std**2)
@@ -380,4 +388,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, allow_args=False)

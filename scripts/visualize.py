@@ -39,11 +39,13 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
+
+from dualflow import cli  # noqa: E402
 
 flags.DEFINE_list("figures", ["boston", "mixture", "images"], "Figures to make.")
 flags.DEFINE_bool("quick", False, "Short training and chains (smoke test).")
@@ -561,25 +563,28 @@ def images(out: str, records: list, failures: list) -> None:
     plt.close(fig)
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Draw the chosen figures; exit 1 if chains have not converged."""
     del argv
     logging.set_verbosity(logging.WARNING)
     from dualflow.io import git_commit, write_json_atomic
 
     F = flags.FLAGS
     known = {"boston": boston, "mixture": mixture, "images": images}
-    unknown = [f for f in F.figures if f not in known]
-    if unknown:
-        raise app.UsageError(
-            f"--figures: unknown {unknown}; choose from {sorted(known)}."
-        )
+    figures = cli.parse_list(F.figures, "figures", choices=tuple(known))
+    for name in ("chains", "warmup", "samples"):
+        if F[name].value < 0:
+            cli.fail(f"--{name}: must be >= 0 (0: the default), got {F[name].value}")
     os.makedirs(F.out, exist_ok=True)
     records: list[dict] = []
     failures: list[str] = []
     t0 = time.time()
-    for name in F.figures:
+    for name in figures:
         t = time.time()
-        known[name](F.out, records, failures)
+        try:
+            known[name](F.out, records, failures)
+        except FloatingPointError as err:  # training diverged (dualflow.train.fit)
+            cli.diverged(err)
         print(f"{name}: {time.time() - t:.1f} s")
     path = os.path.join(F.out, "diagnostics.json")
     write_json_atomic(
@@ -605,4 +610,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, allow_args=False)

@@ -54,5 +54,5 @@ def test_sequence_posterior_rejects_bad_flags(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --seq_len must be >= 2 and --epochs >= 1."
+    assert proc.stderr.strip() == "error: --seq_len: must be >= 2, got 1"
     assert not list(tmp_path.iterdir())

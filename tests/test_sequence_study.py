@@ -139,9 +139,9 @@ def test_script_rejects_bad_flags_with_one_error_line(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "sequence.py"
     for flag, msg in (
-        ("--studies=bogus", "error: --studies: got 'bogus'"),
+        ("--studies=bogus", "error: --studies: unknown 'bogus'; choose from adding"),
         ("--adding_steps=5", "error: --adding_steps: T:steps pairs"),
-        ("--mnist_seeds=a", "error: --mnist_seeds must be integers"),
+        ("--mnist_seeds=a", "error: --mnist_seeds: 'a' is not an integer"),
     ):
         proc = subprocess.run(
             [sys.executable, str(script), flag, f"--out_dir={tmp_path}"],

@@ -1,5 +1,6 @@
 """Training: the config-driven loop of ``scripts/train.py`` and a small ``fit``."""
 
+from dualflow.train.checkpoints import CheckpointStore, verify_checkpoint
 from dualflow.train.config import (
     METHOD_ROWS,
     ConfigError,
@@ -10,12 +11,15 @@ from dualflow.train.config import (
     validate_config,
 )
 from dualflow.train.fit import fit, make_loss_fn, make_pure_step, make_train_step
+from dualflow.train.interrupts import InterruptGuard
 from dualflow.train.scan import make_scan_fit
 from dualflow.train.trainer import TrainState, train_and_evaluate
 
 __all__ = [
     "METHOD_ROWS",
+    "CheckpointStore",
     "ConfigError",
+    "InterruptGuard",
     "TrainState",
     "apply_method_row",
     "base_config",
@@ -28,4 +32,5 @@ __all__ = [
     "make_train_step",
     "train_and_evaluate",
     "validate_config",
+    "verify_checkpoint",
 ]

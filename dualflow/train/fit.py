@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from dualflow.errors import DivergenceError
 from dualflow.nn.context import Method
 from dualflow.nn.methods import Likelihood, objective
 
@@ -182,7 +183,7 @@ def fit(
             "seconds": time.time() - t0,
         }
         if not np.isfinite(record["loss"]):
-            raise FloatingPointError(
+            raise DivergenceError(
                 f"fit: loss became {record['loss']} in epoch {epoch} ({method.name});"
                 " lower the learning rate or the initial variance."
             )
