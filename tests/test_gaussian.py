@@ -85,3 +85,68 @@ def test_validation_errors_and_debug_checks():
             ).block_until_ready()
     finally:
         dualflow.set_debug_checks(False)
+
+
+def test_from_logvar_and_from_rho_are_positive_by_construction(x64):
+    mean = jnp.array([0.5, -1.0, 2.0])
+    g = Gaussian.from_logvar(mean, jnp.log(jnp.array([0.1, 1.0, 7.0])))
+    np.testing.assert_allclose(g.var, [0.1, 1.0, 7.0], rtol=1e-14)
+    np.testing.assert_allclose(g.logvar(), jnp.log(g.var), rtol=1e-14)
+    std = jnp.array([0.1, 1.0, 30.0])
+    r = Gaussian.from_rho(mean, jnp.log(jnp.expm1(std)))  # softplus^{-1}(std)
+    np.testing.assert_allclose(r.var, std**2, rtol=1e-12)
+    np.testing.assert_allclose(r.rho(), jnp.log(jnp.expm1(std)), rtol=1e-12)
+    assert Gaussian.from_rho(0.0, 1e3).var == 1e6  # no overflow for large rho
+    # any real parameter is a valid variance; gradients are finite
+    u = jnp.linspace(-1e3, 80.0, 101)
+    for make in (Gaussian.from_logvar, Gaussian.from_rho):
+        v = make(jnp.zeros_like(u), u).var
+        assert bool(jnp.all(v >= 0)) and bool(jnp.all(jnp.isfinite(v)))
+        gr = jax.grad(lambda p, make=make: make(0.0, p).var.sum())(u)
+        assert bool(jnp.all(jnp.isfinite(gr)))
+    # d var / d logvar = var: relative steps
+    np.testing.assert_allclose(
+        jax.grad(lambda lv: Gaussian.from_logvar(0.0, lv).var)(jnp.log(0.3)), 0.3
+    )
+    p = Gaussian.from_logvar(jnp.array([1, 2]), jnp.zeros(2))  # int means -> float
+    assert jnp.issubdtype(p.dtype, jnp.floating) and p.var.dtype == p.dtype
+
+
+def test_constructors_and_sample_run_debug_checks():
+    dualflow.set_debug_checks(True)
+    try:
+        with pytest.raises(FloatingPointError, match=r"from_logvar.var: 1 of 2 non"):
+            Gaussian.from_logvar(jnp.zeros(2), jnp.array([0.0, jnp.nan]))
+        with pytest.raises(Exception, match=r"from_rho.var: 1 of 3 non-finite"):
+            jax.jit(lambda r: Gaussian.from_rho(jnp.zeros(3), r).var)(
+                jnp.array([0.0, 1.0, jnp.inf])
+            ).block_until_ready()
+        with pytest.raises(FloatingPointError, match="from_natural.var: 1 of 2 neg"):
+            Gaussian.from_natural(jnp.zeros(2), jnp.array([-1.0, 1.0]))  # lam > 0
+        with pytest.raises(Exception, match=r"Gaussian.sample.*first at index \(1,\)"):
+            jax.jit(lambda v: Gaussian(jnp.zeros(2), v).sample(jax.random.key(0)))(
+                jnp.array([1.0, -1.0])
+            ).block_until_ready()
+        assert Gaussian.from_logvar(jnp.zeros(2), jnp.zeros(2)).var.shape == (2,)
+    finally:
+        dualflow.set_debug_checks(False)
+
+
+def test_construction_is_unchecked_but_use_of_a_host_negative_variance_fails():
+    """Documented choice (Gaussian docstring): ``Gaussian(mean, var)`` never
+    checks values -- it is also JAX's pytree for gradients of a belief -- but
+    a host (NumPy) belief with a negative variance is refused where it is used
+    (sample, every moment op), even with debug checks off."""
+    assert not dualflow.debug_checks_enabled()
+    g = Gaussian(jnp.zeros(2), -jnp.ones(2))  # device array: accepted, unchecked
+    assert g.shape == (2,)
+    h = Gaussian(np.zeros(2), np.array([1.0, -1.0]))
+    with pytest.raises(ValueError, match=r"negative variances \(first at index \(1,\)"):
+        h.sample(jax.random.key(0))
+    with pytest.raises(ValueError, match="tanh input"):
+        dualflow.moments.tanh(h)
+    # jitted code: traced values are never checked with debug checks off
+    out = jax.jit(lambda m, v: dualflow.moments.tanh(Gaussian(m, v)).mean)(
+        jnp.zeros(2), -jnp.ones(2)
+    )
+    assert out.shape == (2,)

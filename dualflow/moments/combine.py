@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from dualflow.gaussian import Gaussian, as_gaussian
+from dualflow.gaussian import Gaussian, _check_values, as_gaussian
 from dualflow.moments.linear import bilinear_moments
 
 Array = jax.Array
@@ -54,6 +54,7 @@ def add(*xs: Gaussian | Array) -> Gaussian:
 def scale(x: Gaussian | Array, c: float | Array) -> Gaussian:
     """``c * x`` for a deterministic ``c`` (broadcastable): var scales by ``c^2``."""
     x = as_gaussian(x, "scale input")
+    _check_values([("scale c", c, "point")], "scale")  # debug checks only
     c = jnp.asarray(c, x.dtype)
     return Gaussian(c * x.mean, c * c * x.var)
 
@@ -92,7 +93,10 @@ def multiply(x: Gaussian | Array, y: Gaussian | Array, *, backward: str = "bp"):
     """
     x = as_gaussian(x, "multiply input x")
     y = as_gaussian(y, "multiply input y")
-    return bilinear_moments(jnp.multiply, x, y.mean, y.var, backward=backward)
+    # y was checked as a belief by as_gaussian: no second weight check
+    return bilinear_moments(
+        jnp.multiply, x, y.mean, y.var, backward=backward, where=None
+    )
 
 
 def transpose(x: Gaussian | Array, axes: Sequence[int]) -> Gaussian:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dualflow.gaussian import Gaussian, as_gaussian
+from dualflow.gaussian import Gaussian, _check_values, as_gaussian
 from dualflow.moments._backward import check_backward
 
 Array = jax.Array
@@ -92,15 +92,48 @@ def _bilinear_bp_bwd(op, fixed_noise, res, cot):
 _bilinear_bp.defvjp(_bilinear_bp_fwd, _bilinear_bp_bwd)
 
 
+def check_weights(
+    where: str,
+    w_mean: Any,
+    w_var: Any,
+    b_mean: Any = None,
+    b_var: Any = None,
+) -> None:
+    """Value checks of weight (and bias) moments: variances finite and ``>= 0``,
+    means finite.
+
+    Host-resident (NumPy) variances are always checked (``ValueError``, no
+    device work); everything else only with debug checks on
+    (``FloatingPointError``; under ``jit`` through ``jax.debug.callback``).
+    With debug checks off nothing is added to a traced program.
+    """
+    items = [(f"{where} w_mean", w_mean, "mean"), (f"{where} w_var", w_var, "var")]
+    if b_mean is not None:
+        items.append((f"{where} b_mean", b_mean, "mean"))
+    if b_var is not None:
+        items.append((f"{where} b_var", b_var, "var"))
+    _check_values(items, where, host_always=True)
+
+
 def bilinear_moments(
-    op, x: Gaussian, w_mean: Array, w_var: Array, *, backward: str = "bp"
+    op,
+    x: Gaussian,
+    w_mean: Array,
+    w_var: Array,
+    *,
+    backward: str = "bp",
+    where: str | None = "bilinear_moments",
 ) -> Gaussian:
     """Moments of ``op(x, W)`` for any op bilinear in ``(x, W)`` (matmul, conv, einsum).
 
     ``op`` must be a hashable callable (a module-level function or a frozen
-    dataclass) because it is a static argument of the custom VJP.
+    dataclass) because it is a static argument of the custom VJP.  ``w_var``
+    must be ``>= 0`` (see :func:`check_weights`, run under the name ``where``;
+    ``None`` skips it when the caller has checked).
     """
     check_backward(backward, "bilinear_moments")
+    if where is not None:
+        check_weights(where, w_mean, w_var)
     m, P = x.mean, x.var
     mu = jnp.asarray(w_mean, m.dtype)
     s2 = jnp.asarray(w_var, m.dtype)
@@ -140,7 +173,8 @@ def dense(
 
     Args:
       x: input `Gaussian` (or array, treated as a point) of shape ``[..., d_in]``.
-      w_mean, w_var: weight means and variances ``[d_in, d_out]`` (``w_var >= 0``).
+      w_mean, w_var: weight means and variances ``[d_in, d_out]`` (``w_var >= 0``;
+        keep a trained variance positive by construction, e.g. ``exp(logvar)``).
       b_mean, b_var: optional bias moments ``[d_out]``.
       backward: ``"bp"``, ``"bp_fixed_noise"`` or ``"autodiff"`` (module doc).
 
@@ -161,7 +195,8 @@ def dense(
             f"dense: input feature size {x.shape[-1:]} does not match w_mean"
             f" {w_mean.shape} (expected [..., {w_mean.shape[0]}])."
         )
-    y = bilinear_moments(_matmul, x, w_mean, w_var, backward=backward)
+    check_weights("dense", w_mean, w_var, b_mean, b_var)
+    y = bilinear_moments(_matmul, x, w_mean, w_var, backward=backward, where=None)
     return _add_bias(y, b_mean, b_var)
 
 
@@ -269,5 +304,6 @@ def conv(
         dimension_numbers=dimension_numbers,
         feature_group_count=int(feature_group_count),
     )
-    y = bilinear_moments(op, x, w_mean, w_var, backward=backward)
+    check_weights("conv", w_mean, w_var, b_mean, b_var)
+    y = bilinear_moments(op, x, w_mean, w_var, backward=backward, where=None)
     return _add_bias(y, b_mean, b_var)

@@ -15,7 +15,11 @@ Each layer is called as ``layer(x, ctx)`` with a :class:`~dualflow.nn.Context`:
 
 Weights are mean-field Gaussian: parameters ``<name>_mean`` and
 ``<name>_logvar`` (variance ``exp(logvar)``), the convention
-:func:`dualflow.optim.natural_gradient` pairs leaves by.
+:func:`dualflow.optim.natural_gradient` pairs leaves by.  No raw variance is a
+trainable parameter, so no optimiser step can make a variance negative; if
+``logvar`` drifts below float underflow (about -87 in float32) the variance is
+exactly 0, and the KL (computed from ``logvar`` itself) and the sampling
+gradients (``_safe_sqrt``) stay finite.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.scipy.special import ndtr
 
-from dualflow import moments, objectives
+from dualflow import moments
 from dualflow.gaussian import Gaussian
 from dualflow.nn import ops
 from dualflow.nn.context import Context
@@ -158,14 +162,23 @@ class BayesianModule(nnx.Module):
         )
 
     def kl(self) -> Array:
-        """``KL(q || prior)`` summed over this layer's Bayesian tensors."""
+        """``KL(q || prior)`` summed over this layer's Bayesian tensors.
+
+        The ``log q_var`` term is ``logvar`` itself (not ``log(exp(logvar))``,
+        which is ``-inf`` with a NaN gradient once ``exp`` underflows).
+        """
         total = jnp.zeros(())
         for name in self._bayesian_names:
-            m, v = self.moments_of(name)
+            m = getattr(self, f"{name}_mean")[...]
+            lv = getattr(self, f"{name}_logvar")[...]
+            v = jnp.exp(lv)
             pv = dict(self._priors)[name]
             if pv == "empirical_bayes":
                 pv = jax.lax.stop_gradient(jnp.mean(m * m + v))  # optimum: grad 0
-            total = total + objectives.kl_mean_field(m, v, 0.0, pv)
+            pv = jnp.asarray(pv, v.dtype)
+            # objectives.kl_mean_field(m, v, 0, pv) with log(v) -> lv
+            kl = 0.5 * (jnp.log(pv) - lv + (v + m * m) / pv - 1.0)
+            total = total + jnp.sum(kl)
         return total
 
 
@@ -209,12 +222,11 @@ class _BayesianLinear(BayesianModule):
             return out if bm is None else out + bm
         if name == "reparam":
             kw, kb = jax.random.split(ctx.next_key())
-            w = wm + jnp.sqrt(wv) * jax.random.normal(kw, wm.shape, wm.dtype)
+            w = wm + _safe_sqrt(wv) * jax.random.normal(kw, wm.shape, wm.dtype)
             out = self._lin(x, w)
             if bm is not None:
-                out = (
-                    out + bm + jnp.sqrt(bv) * jax.random.normal(kb, bm.shape, bm.dtype)
-                )
+                eb = jax.random.normal(kb, bm.shape, bm.dtype)
+                out = out + bm + _safe_sqrt(bv) * eb
             return out
         if name == "local_reparam":
             mean = self._lin(x, wm)
@@ -225,16 +237,15 @@ class _BayesianLinear(BayesianModule):
             return mean + _safe_sqrt(var) * eps
         if name == "flipout":
             kw, ks, kr, kb = jax.random.split(ctx.next_key(), 4)
-            dw = jnp.sqrt(wv) * jax.random.normal(kw, wm.shape, wm.dtype)
+            dw = _safe_sqrt(wv) * jax.random.normal(kw, wm.shape, wm.dtype)
             s = _rademacher(ks, self._in_sign_shape(x), x.dtype)
             mean = self._lin(x, wm)
             pert = self._lin(x * s, dw)
             r = _rademacher(kr, self._out_sign_shape(pert), x.dtype)
             out = mean + pert * r
             if bm is not None:
-                out = (
-                    out + bm + jnp.sqrt(bv) * jax.random.normal(kb, bm.shape, bm.dtype)
-                )
+                eb = jax.random.normal(kb, bm.shape, bm.dtype)
+                out = out + bm + _safe_sqrt(bv) * eb
             return out
         raise ValueError(f"{type(self).__name__}: unknown method {name!r}.")
 

@@ -224,12 +224,12 @@ class _Recurrent(BayesianModule):
         sign = dw = mask = None
         if name == "reparam":
             eps = jax.random.normal(ctx.next_key(), wm.shape, wm.dtype)
-            w = self._bound(wm + jnp.sqrt(wv) * eps)
+            w = self._bound(wm + _safe_sqrt(wv) * eps)
         elif name == "local_reparam":
             xs["eps"] = jax.random.normal(ctx.next_key(), (t, *h.shape), h.dtype)
         elif name == "flipout":
             kw, ks, kr = jax.random.split(ctx.next_key(), 3)
-            dw = jnp.sqrt(wv) * jax.random.normal(kw, wm.shape, wm.dtype)
+            dw = _safe_sqrt(wv) * jax.random.normal(kw, wm.shape, wm.dtype)
             sign = (
                 jax.random.rademacher(ks, h.shape, h.dtype),
                 jax.random.rademacher(kr, h.shape, h.dtype),

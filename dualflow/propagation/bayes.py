@@ -58,7 +58,7 @@ from flax import nnx
 
 from dualflow.gaussian import Gaussian
 from dualflow.nn.context import Context
-from dualflow.nn.layers import BayesianModule
+from dualflow.nn.layers import BayesianModule, _safe_sqrt
 from dualflow.propagation.interpreter import propagate
 
 Array = jax.Array
@@ -341,7 +341,7 @@ class BayesianFunction(BayesianModule):
                 leaves.append(Gaussian(m, v))
             elif kind == "sample":
                 eps = jax.random.normal(jax.random.fold_in(key, i), m.shape, m.dtype)
-                leaves.append(m + jnp.sqrt(v) * eps)
+                leaves.append(m + _safe_sqrt(v) * eps)  # finite grad at v = 0
             elif kind == "mean":
                 leaves.append(m)
             else:
