@@ -4,6 +4,15 @@
     python scripts/uci.py --config.quick=True              # 3 small sets, 2 splits
     python scripts/uci.py --config.datasets=boston,yacht --config.methods=bp,ensemble
 
+``quick`` runs boston, energy and yacht with bp, bp_matched and ensemble on
+splits 0 and 1 with a small step budget (``dualflow.benchmarks.uci.QUICK``);
+fields given explicitly on the command line win over it, e.g.
+``--config.quick=True --config.datasets=yacht`` runs yacht only, quick budget.
+
+Results are resumable (``<workdir>/results.json``); each record stores the
+fingerprint of its data and split.  When the data changed since, the script
+refuses; ``rerun_changed=True`` reruns exactly the records whose data changed.
+
 Every field below applies to every method unless its name says otherwise; the
 number of epochs is chosen per split on an inner validation split of the
 training rows (see dualflow/benchmarks/uci.py).
@@ -22,7 +31,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.datasets = ",".join(UCI_DATASETS)
     c.methods = ",".join(m for m in UCI_METHODS if m != "flipout")
     c.splits = ""  # e.g. "0,1,2"; empty: all standard splits
-    c.quick = False  # boston/concrete/yacht, 2 splits, small budget (CI)
+    c.quick = False  # boston/energy/yacht x bp/bp_matched/ensemble, 2 splits, small
+    # budget (CI); explicit datasets/methods/splits/budget fields win over it
+    c.rerun_changed = False  # rerun records whose data changed (else: refuse)
+    # stamp records that predate data fingerprints with the current data's (use
+    # only when the data is known to be unchanged, e.g. its SHA256SUMS match)
+    c.adopt_unfingerprinted = False
     c.progress = True
 
     c.seed = 0

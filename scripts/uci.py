@@ -9,6 +9,25 @@ Resumable: finished (data set, method, split) records in
 ``<workdir>/results.json`` with the same config fingerprint are skipped; the
 file is rewritten atomically after every (data set, method) group.  At the
 end ``table.md``, ``table.json`` and ``uci.png`` are written next to it.
+
+Every record stores the fingerprint of the data and split it was computed on.
+If the data on disk changed since (or a record predates fingerprints), the run
+refuses before writing anything and says which data sets changed: move the
+workdir away, or pass ``--config.rerun_changed=True`` to rerun exactly those
+records (their old versions are replaced).  Records written before
+fingerprints existed can instead be stamped with the current data's
+fingerprint by ``--config.adopt_unfingerprinted=True`` -- only when you know
+the data is unchanged (e.g. ``sha256sum -c SHA256SUMS`` in the data folder).
+
+``--config.quick=True`` shrinks the fields of :data:`QUICK` that were not given
+on the command line (explicit ``datasets``/``methods``/``splits``/budgets win)
+and writes to ``results/uci_quick`` unless a workdir is given.
+
+Every user mistake (an unknown data set, method or split, an invalid
+results.json, missing or malformed data, changed data, a diverged group) ends
+in one ``error:`` line (and a ``hint:``) with exit code 2.  A diverged group is
+stored as such, marked "diverged" in the tables (never "best"), and the run
+exits with 2 after writing them.
 """
 
 from __future__ import annotations
@@ -20,11 +39,13 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-_CONFIG = config_flags.DEFINE_config_file(
+from dualflow import cli
+
+_CONFIG = cli.define_config_file(
     "config",
     str(Path(__file__).resolve().parents[1] / "configs" / "uci.py"),
     "UCI benchmark config (configs/uci.py).",
@@ -32,56 +53,124 @@ _CONFIG = config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Overrides config.workdir.")
 FLAGS = flags.FLAGS
 
-# quick mode: the three smallest data sets, two splits, a small step budget and
-# three methods (each (data set, method) group costs two XLA compilations of
-# ~4-8 s on a 2-core CPU, which dominate a quick run)
-QUICK = {
-    "datasets": "boston,energy,yacht",
-    "methods": "bp,bp_matched,ensemble",
-    "splits": "0,1",
-    "max_steps": 1500,
-    "eval_points": 15,
-    "test_samples": 50,
-}
+_DEFAULT_WORKDIR = "results/uci"
 
 
 def _parse_list(value: str, allowed, what: str) -> list[str]:
-    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    from dualflow.errors import ConfigError
+
+    items = list(dict.fromkeys(v.strip() for v in str(value).split(",") if v.strip()))
     bad = [v for v in items if v not in allowed]
     if bad:
-        raise ValueError(f"config.{what}: unknown {bad}; choose from {list(allowed)}.")
+        raise ConfigError(
+            f"config.{what}: unknown {', '.join(bad)}; choose from"
+            f" {', '.join(allowed)}."
+        )
     if not items:
-        raise ValueError(f"config.{what} is empty.")
+        raise ConfigError(f"config.{what} is empty; choose from {', '.join(allowed)}.")
     return items
 
 
 def _parse_splits(value: str, n_splits: int, name: str) -> list[int]:
+    from dualflow.errors import ConfigError
+
     if not str(value).strip():
         return list(range(n_splits))
     try:
         ids = sorted({int(v) for v in str(value).split(",") if v.strip()})
-    except ValueError as e:
-        raise ValueError(f"config.splits must be comma-separated integers: {e}") from e
+    except ValueError:
+        raise ConfigError(
+            f"config.splits={value!r} must be comma-separated integers, e.g. 0,1,2."
+        ) from None
     bad = [k for k in ids if not 0 <= k < n_splits]
     if bad:
-        raise ValueError(
-            f"config.splits: {name} has splits 0..{n_splits - 1}, got {bad}."
+        raise ConfigError(
+            f"config.splits: {name} has splits 0..{n_splits - 1}, got"
+            f" {', '.join(map(str, bad))}."
         )
     return ids
 
 
 def _load_records(path: Path) -> list[dict]:
+    """The records of ``results.json`` (``[]`` if absent), checked."""
+    from dualflow.errors import DualflowError
+
     if not path.exists():
         return []
+    hint = f"move {path} (or its folder) away to start fresh; this run wrote nothing"
     try:
         records = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SystemExit(
-            f"{path} is not valid JSON ({e}); move it away to start fresh."
-        ) from e
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise SystemExit(f"{path} must hold a JSON list of records; move it away.")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DualflowError(f"{path} is not valid JSON ({e}).", hint=hint) from None
+    if not isinstance(records, list):
+        raise DualflowError(
+            f"{path} must hold a JSON list of records, not {type(records).__name__}.",
+            hint=hint,
+        )
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise DualflowError(
+                f"{path}: record {i} is {type(r).__name__}, not an object.", hint=hint
+            )
+        for key, kind in (("dataset", str), ("method", str), ("split", int)):
+            if not isinstance(r.get(key), kind) or isinstance(r.get(key), bool):
+                raise DualflowError(
+                    f"{path}: record {i} has {key}={r.get(key)!r}; expected"
+                    f" {kind.__name__}.",
+                    hint=hint,
+                )
     return records
+
+
+def _key(r: dict) -> tuple[str, str, int]:
+    return r["dataset"], r["method"], r["split"]
+
+
+def _explicit_fields() -> set[str]:
+    """Config fields given on the command line (``--config.<field>=...``)."""
+    try:
+        return set(config_flags.get_override_values(FLAGS["config"]))
+    except (AttributeError, KeyError):  # older ml_collections: read argv
+        return {
+            a[len("--config.") :].split("=")[0]
+            for a in sys.argv[1:]
+            if a.startswith("--config.")
+        }
+
+
+def _span(ids) -> str:
+    """``0-19`` for a run of integers, else ``0,3,7``."""
+    ids = sorted(set(ids))
+    if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]}"
+    return ",".join(map(str, ids))
+
+
+def _changed_message(stale: dict[str, list[dict]], results_path: Path) -> str:
+    """One line: which data sets changed under which records of results.json."""
+    changed, legacy = [], []
+    for ds, rs in stale.items():
+        new = [r for r in rs if "data_fingerprint" in r]
+        if new:
+            methods = ", ".join(sorted({r["method"] for r in new}))
+            splits = _span(r["split"] for r in new)
+            changed.append(f"{ds} ({len(new)} records: {methods}; splits {splits})")
+        if len(new) < len(rs):
+            legacy.append(ds)
+    parts = []
+    if changed:
+        parts.append(
+            f"the data changed since {results_path} was written: {', '.join(changed)}"
+            " were computed on other data"
+        )
+    if legacy:
+        n = sum("data_fingerprint" not in r for rs in stale.values() for r in rs)
+        parts.append(
+            f"{results_path} has {n} records of {', '.join(legacy)} without a data"
+            " fingerprint (written by an older dualflow): the data they were computed"
+            " on is unknown"
+        )
+    return "; ".join(parts) + "."
 
 
 def _check_quick(records: list[dict], loaded: dict) -> list[str]:
@@ -110,45 +199,90 @@ def _check_quick(records: list[dict], loaded: dict) -> list[str]:
     return problems
 
 
-def main(argv):
-    del argv
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        cli.fail(
+            f"unexpected arguments: {' '.join(argv[1:])}",
+            "config fields are set as --config.<field>=<value>",
+        )
     cfg = FLAGS.config
+
+    # imports after flag parsing: keep --help fast
+    from dualflow.benchmarks.uci import (
+        QUICK,
+        UCI_METHODS,
+        apply_quick,
+        config_fingerprint,
+        diverged_records,
+        run_uci_group,
+        stale_records,
+    )
+    from dualflow.benchmarks.uci_report import (
+        is_valid_record,
+        json_safe,
+        markdown_table,
+        plot_summary,
+        summarize,
+    )
+    from dualflow.data.uci import UCI_DATASETS, load_uci
+    from dualflow.errors import ConfigError, DataError, DivergenceError
+    from dualflow.io import git_commit, write_json_atomic, write_text_atomic
+
+    explicit = _explicit_fields()
     if cfg.quick:
-        for k, v in QUICK.items():
-            cfg[k] = v
-        if cfg.workdir == "results/uci":
+        applied = apply_quick(cfg, explicit)
+        kept = [k for k in QUICK if k not in applied]
+        if kept:
+            print(f"quick: keeping the explicit {', '.join(kept)}", flush=True)
+        if cfg.workdir == _DEFAULT_WORKDIR and "workdir" not in explicit:
             cfg.workdir = "results/uci_quick"
     if FLAGS.workdir:
         cfg.workdir = FLAGS.workdir
 
-    # imports after flag parsing: keep --help fast
-    from dualflow.benchmarks.uci import UCI_METHODS, config_fingerprint, run_uci_group
-    from dualflow.benchmarks.uci_report import markdown_table, plot_summary, summarize
-    from dualflow.data.paths import DataNotFoundError
-    from dualflow.data.uci import UCI_DATASETS, load_uci
-    from dualflow.io import git_commit, write_json_atomic, write_text_atomic
-
+    # --- everything a run can be refused for is checked before anything is written
     datasets = _parse_list(cfg.datasets, UCI_DATASETS, "datasets")
     methods = _parse_list(cfg.methods, UCI_METHODS, "methods")
     workdir = Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"workdir {workdir} exists and is not a folder.")
     results_path = workdir / "results.json"
     records = _load_records(results_path)
-    fingerprint = config_fingerprint(cfg)
-    done = {
-        (r["dataset"], r["method"], r["split"])
-        for r in records
-        if r.get("config") == fingerprint
-    }
-
-    try:
-        loaded = {ds: load_uci(ds, cfg.data_dir or None) for ds in datasets}
-    except DataNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+    loaded = {ds: load_uci(ds, cfg.data_dir or None) for ds in datasets}
     split_ids = {
         ds: _parse_splits(cfg.splits, loaded[ds].n_splits, ds) for ds in datasets
     }
+    fingerprint = config_fingerprint(cfg)
     wanted = {(ds, m, k) for ds in datasets for m in methods for k in split_ids[ds]}
+    reusable = [
+        r for r in records if r.get("config") == fingerprint and _key(r) in wanted
+    ]
+    stale = stale_records(reusable, loaded)
+    adopted = 0
+    if cfg.adopt_unfingerprinted:  # the user vouches the data is unchanged
+        for rs in stale.values():
+            for r in rs:
+                if "data_fingerprint" not in r:
+                    r["data_fingerprint"] = loaded[r["dataset"]].fingerprint(r["split"])
+                    adopted += 1
+        stale = stale_records(reusable, loaded)
+    if stale and not cfg.rerun_changed:
+        legacy = any("data_fingerprint" not in r for rs in stale.values() for r in rs)
+        raise DataError(
+            _changed_message(stale, results_path),
+            hint=f"move {workdir} away to start fresh, or pass"
+            " --config.rerun_changed=True to rerun those records (the old ones are"
+            " replaced)"
+            + (
+                "; if you know the data is the one they were computed on, pass"
+                " --config.adopt_unfingerprinted=True to stamp them"
+                if legacy
+                else ""
+            )
+            + "; this run wrote nothing",
+        )
+    stale_keys = {_key(r) for rs in stale.values() for r in rs}
+    done = {_key(r) for r in reusable} - stale_keys
+
     groups = []
     for ds in datasets:
         for m in methods:
@@ -156,51 +290,66 @@ def main(argv):
             if todo:
                 groups.append((ds, m, todo))
     n_todo = sum(len(g[2]) for g in groups)
-    n_skipped = len(wanted) - n_todo
     print(
         f"UCI benchmark: {len(datasets)} data sets x {len(methods)} methods;"
-        f" {n_skipped} finished records reused, {n_todo} to run"
-        f" -> {results_path}",
+        f" {len(wanted) - n_todo} finished records reused, {n_todo} to run"
+        f" -> {results_path} (reused records match the data's fingerprints)",
         flush=True,
     )
+    if stale_keys:
+        print(
+            f"rerunning {len(stale_keys)} records whose data changed"
+            f" ({', '.join(sorted(stale))}; --config.rerun_changed=True)",
+            flush=True,
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    if adopted:
+        write_json_atomic(results_path, json_safe(records))
+        print(
+            f"stamped {adopted} records without a data fingerprint with the"
+            " fingerprint of the data on disk (--config.adopt_unfingerprinted=True)",
+            flush=True,
+        )
     commit = git_commit(Path(__file__).resolve().parents[1])  # the code that ran
     t0 = time.time()
     bar = tqdm(groups, unit="group", disable=not cfg.progress, file=sys.stdout)
-    failures = []
     for ds, m, todo in bar:
         bar.set_description(f"{ds}/{m}")
         try:
             new = run_uci_group(loaded[ds], m, todo, cfg, log=tqdm.write)
-        except FloatingPointError as e:  # diverged: report, keep the other groups
-            tqdm.write(f"FAILED {ds}/{m}: {e}")
-            failures.append(f"{ds}/{m}: {e}")
-            continue
-        bad = [r["split"] for r in new if not math.isfinite(r["test_ll"] + r["rmse"])]
-        if bad:
-            tqdm.write(f"WARNING {ds}/{m}: non-finite test metrics on splits {bad}")
+        except FloatingPointError as e:  # DivergenceError and numerical checks
+            tqdm.write(
+                f"DIVERGED {e}" if str(e).startswith(ds) else f"DIVERGED {ds}/{m}: {e}"
+            )
+            new = diverged_records(
+                loaded[ds], m, todo, str(e), getattr(e, "splits", None)
+            )
+        else:
+            bad = [r["split"] for r in new if not is_valid_record(r)]
+            if bad:
+                tqdm.write(
+                    f"DIVERGED {ds}/{m}: non-finite test metrics on splits {bad}"
+                )
         for r in new:
             r["config"] = fingerprint
-        keys = {(r["dataset"], r["method"], r["split"]) for r in new}
-        records = [
-            r for r in records if (r["dataset"], r["method"], r["split"]) not in keys
-        ] + new
-        write_json_atomic(results_path, records)
+        keys = {_key(r) for r in new}
+        records = [r for r in records if _key(r) not in keys] + new
+        write_json_atomic(results_path, json_safe(records))
     wall = time.time() - t0
 
     # report over the requested data sets, methods and splits with this config
     current = [
-        r
-        for r in records
-        if r.get("config") == fingerprint
-        and (r["dataset"], r["method"], r["split"]) in wanted
+        r for r in records if r.get("config") == fingerprint and _key(r) in wanted
     ]
+    left_stale = {_key(r) for rs in stale_records(current, loaded).values() for r in rs}
+    current = [r for r in current if _key(r) not in left_stale]
     summary = summarize(current)
     script = Path(sys.argv[0]).resolve()
     repo = Path(__file__).resolve().parents[1]
     if script.is_relative_to(repo):  # the command as run from the repo root
         script = script.relative_to(repo)
     command = "python " + " ".join([script.as_posix(), *sys.argv[1:]])
-    compute = sum(r["seconds"] for r in current)
+    compute = sum(r.get("seconds") or 0.0 for r in current)
     header = (
         f"# UCI regression benchmark\n\n"
         f"Command: `{command}`  \n"
@@ -215,21 +364,42 @@ def main(argv):
     write_text_atomic(workdir / "table.md", table)
     write_json_atomic(
         workdir / "table.json",
-        {
-            "command": command,
-            "commit": commit,
-            "wall_seconds": wall,
-            "config": fingerprint,
-            "summary": summary,
-        },
+        json_safe(
+            {
+                "command": command,
+                "commit": commit,
+                "wall_seconds": wall,
+                "config": fingerprint,
+                "data_fingerprints": {ds: loaded[ds].fingerprint() for ds in datasets},
+                "summary": summary,
+            }
+        ),
     )
     plot_summary(summary, methods, str(workdir / "uci.png"))
     print(table)
     print(f"wrote {workdir}/table.md, table.json, uci.png ({wall:.0f} s)")
-    if failures:
-        print("FAILED groups (not in the table):\n  " + "\n  ".join(failures))
-        sys.exit(1)
+    diverged = [
+        f"{ds}/{m} ({v['n_diverged']} of {v['n']} splits)"
+        for ds, row in summary.items()
+        for m, v in row.items()
+        if v["status"] != "ok"
+    ]
+    if diverged:
+        raise DivergenceError(
+            f"{len(diverged)} groups diverged: {', '.join(diverged)}; they are"
+            f" marked 'diverged' in {workdir}/table.md and stored in results.json",
+            hint="lower config.lr (config.ng.rho for bp_ng) or config.init_var; a"
+            " changed config reruns them",
+        )
     if cfg.quick:
+        top = {k.split(".")[0] for k in explicit}
+        tuned = sorted((top & (set(fingerprint) | set(QUICK))) - {"datasets", "splits"})
+        if tuned:
+            print(
+                "quick check skipped: its thresholds are for the quick methods and"
+                f" budget, and {', '.join('--config.' + k for k in tuned)} given"
+            )
+            return
         problems = _check_quick(current, loaded)
         if problems:
             print("QUICK CHECK FAILED:\n  " + "\n  ".join(problems))
@@ -240,4 +410,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -439,10 +439,15 @@ def test_quick_benchmark_runs_checks_and_resumes(tmp_path):
     assert "quick check passed" in res.stdout
     records = json.loads((work / "results.json").read_text())
     assert len(records) == 3 * 3 * 2  # data sets x methods x splits
+    fingerprints = {
+        ds: load_uci(ds, DATA_DIR).fingerprint for ds in ("boston", "energy", "yacht")
+    }
     for r in records:
         assert {"dataset", "method", "split", "rmse", "test_ll", "seconds"} <= set(r)
         assert math.isfinite(r["rmse"]) and math.isfinite(r["test_ll"])
         assert 1 <= r["epochs"] <= r["epoch_budget"]
+        assert r["status"] == "ok"
+        assert r["data_fingerprint"] == fingerprints[r["dataset"]](r["split"])
     for f in ("table.md", "table.json", "uci.png"):
         assert (work / f).stat().st_size > 0
     assert "Command: `python scripts/uci.py" in (work / "table.md").read_text()
@@ -469,20 +474,20 @@ def test_script_refuses_bad_input_without_touching_results(tmp_path):
         "--config.datasets=boston",
         "--config.methods=bp",
     )
-    assert res.returncode != 0 and "not valid JSON" in res.stderr + res.stdout
+    assert res.returncode == 2 and "not valid JSON" in res.stderr
     assert (work / "results.json").read_text() == "[{broken"
     res = _script(
         "--config=configs/uci.py",
         f"--workdir={tmp_path / 'x'}",
         "--config.methods=bp,sgld",
     )
-    assert res.returncode != 0 and "sgld" in res.stderr
+    assert res.returncode == 2 and "sgld" in res.stderr
     res = _script(
         "--config=configs/uci.py",
         f"--workdir={tmp_path / 'y'}",
         env_extra={"DUALFLOW_DATA_DIR": str(tmp_path / "nowhere")},
     )
-    assert res.returncode != 0 and "DUALFLOW_DATA_DIR" in res.stderr + res.stdout
+    assert res.returncode == 2 and "DUALFLOW_DATA_DIR" in res.stderr
 
 
 def _uci_config():

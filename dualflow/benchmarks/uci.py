@@ -21,6 +21,12 @@ The epoch budget is ``max(protocol epochs, ceil(max_steps / steps per
 epoch))``, so small data sets get enough optimisation steps.  All splits of a
 (data set, method) pair train together in one compiled program
 (``jax.vmap`` over splits of :func:`dualflow.train.make_scan_fit`).
+
+Every record carries ``data_fingerprint`` (:meth:`UCIData.fingerprint` of its
+split) and ``status``: ``"ok"``, ``"diverged"`` when training or the test
+metrics went non-finite, or ``"aborted"`` for the other splits of a group
+stopped by a divergence (such records never count as results; the report
+marks their group "diverged").
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -38,6 +44,8 @@ import optax
 from flax import nnx
 
 from dualflow.data.uci import UCIData, UCISplit, uci_split
+from dualflow.data.validate import check_finite
+from dualflow.errors import ConfigError, DivergenceError
 from dualflow.nn.context import Method
 from dualflow.nn.methods import (
     Likelihood,
@@ -49,7 +57,16 @@ from dualflow.nn.models import Regressor
 from dualflow.optim import mean_variance_labels, natural_gradient
 from dualflow.train.scan import make_scan_fit
 
-__all__ = ["UCI_METHODS", "MethodSpec", "method_spec", "run_uci_group"]
+__all__ = [
+    "QUICK",
+    "UCI_METHODS",
+    "MethodSpec",
+    "apply_quick",
+    "diverged_records",
+    "method_spec",
+    "run_uci_group",
+    "stale_records",
+]
 
 # Bump when a change alters the numbers a config produces; it is part of the
 # fingerprint stored with every record, so old records are not reused.
@@ -65,6 +82,31 @@ UCI_METHODS = (
     "ensemble",
     "mc_dropout",
 )
+
+# ``config.quick``: the three smallest data sets, two splits, a small step budget
+# and three methods (each (data set, method) group costs two XLA compilations of
+# ~4-8 s on a 2-core CPU, which dominate a quick run).  Fields given explicitly
+# on the command line keep their value (:func:`apply_quick`).
+QUICK = {
+    "datasets": "boston,energy,yacht",
+    "methods": "bp,bp_matched,ensemble",
+    "splits": "0,1",
+    "max_steps": 1500,
+    "eval_points": 15,
+    "test_samples": 50,
+}
+
+
+def apply_quick(cfg: Any, explicit: Collection[str]) -> dict[str, Any]:
+    """Shrink ``cfg`` to the quick run, leaving the ``explicit`` fields alone.
+
+    ``explicit`` are the config fields the user set (e.g. on the command line);
+    they win over :data:`QUICK`.  Returns the fields set here.
+    """
+    applied = {k: v for k, v in QUICK.items() if k not in explicit}
+    for k, v in applied.items():
+        cfg[k] = v
+    return applied
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +140,9 @@ def method_spec(name: str, cfg: Any) -> MethodSpec:
             Method("mc_dropout", dropout_rate=cfg.dropout_rate),
             dropout_first=True,
         )
-    raise ValueError(f"unknown UCI method {name!r}; choose from {UCI_METHODS}.")
+    raise ConfigError(
+        f"unknown UCI method {name!r}; choose from {', '.join(UCI_METHODS)}."
+    )
 
 
 def _likelihood(cfg) -> Likelihood:
@@ -251,12 +295,21 @@ def run_uci_group(
     Each record has ``dataset, method, split, rmse, test_ll`` (original units),
     ``seconds`` (wall time of the group divided by its splits), ``epochs``
     (selected), ``epoch_budget``, ``val_ll`` (best inner-validation LL,
-    standardised units), ``n_train`` and ``n_test``.
+    standardised units), ``n_train``, ``n_test``, ``data_fingerprint`` and
+    ``status`` (``"diverged"`` where a test metric is not finite).
+
+    Raises:
+      DataError: ``data`` holds non-finite values.
+      DivergenceError: the validation log-likelihood is not finite on a split
+        (training diverged); no record of the group is returned and the
+        error's ``splits`` lists the splits that diverged.
     """
     spec = method_spec(method_name, cfg)
     split_ids = list(split_ids)
     if not split_ids:
         return []
+    check_finite(data.x, data.name, "UCIData.x", "input")
+    check_finite(data.y, data.name, "UCIData.y", "target")
     t0 = time.time()
     base_key = jax.random.fold_in(jax.random.key(cfg.seed), _stable_hash(data.name))
     base_key = jax.random.fold_in(base_key, _stable_hash(method_name))
@@ -286,10 +339,14 @@ def run_uci_group(
     best_ll = val_ll[np.arange(len(split_ids)), best]
     if not np.all(np.isfinite(best_ll)):
         bad = [k for k, v in zip(split_ids, best_ll, strict=True) if not np.isfinite(v)]
-        raise FloatingPointError(
-            f"{data.name}/{method_name}: validation log-likelihood is not finite on"
-            f" splits {bad}; lower the learning rate or the initial variance."
+        err = DivergenceError(
+            f"{data.name}/{method_name}: training diverged (validation"
+            f" log-likelihood not finite on splits {bad})",
+            hint="lower config.lr (config.ng.rho for bp_ng) or config.init_var;"
+            " a changed config reruns the group",
         )
+        err.splits = bad  # type: ignore[attr-defined]
+        raise err
 
     # 2. retrain on all training rows; evaluate at each split's chosen epoch
     full = [uci_split(data, k) for k in split_ids]
@@ -311,12 +368,15 @@ def run_uci_group(
         j = int(best[i])
         sp = full[i]
         ll = float(hist["ll"][i, j]) - math.log(sp.y_std)
-        rmse = math.sqrt(float(hist["se"][i, j])) * sp.y_std
+        se = float(hist["se"][i, j])
+        rmse = math.sqrt(se) * sp.y_std if se >= 0 else float("nan")
+        ok = math.isfinite(ll) and math.isfinite(rmse)
         records.append(
             {
                 "dataset": data.name,
                 "method": method_name,
                 "split": int(k),
+                "status": "ok" if ok else "diverged",
                 "rmse": rmse,
                 "test_ll": ll,
                 "seconds": seconds,
@@ -325,8 +385,11 @@ def run_uci_group(
                 "val_ll": float(best_ll[i]),
                 "n_train": int(sp.x_train.shape[0]),
                 "n_test": int(sp.x_test.shape[0]),
+                "data_fingerprint": data.fingerprint(int(k)),
             }
         )
+        if not ok:
+            records[-1]["error"] = "test metrics not finite"
     log(
         f"{data.name:9s} {method_name:13s} splits={len(split_ids):2d}"
         f" epochs~{int(np.median(chosen))}/{budget}"
@@ -335,6 +398,58 @@ def run_uci_group(
         f" ({seconds * len(split_ids):.1f} s)"
     )
     return records
+
+
+def diverged_records(
+    data: UCIData,
+    method_name: str,
+    split_ids: Iterable[int],
+    error: str,
+    diverged: Collection[int] | None = None,
+) -> list[dict]:
+    """Records of a group that stopped on a divergence (metrics ``None``).
+
+    Splits in ``diverged`` (all when ``None``) get status ``"diverged"``, the
+    others ``"aborted"`` (trained with them, never finished).
+    """
+    bad = set(split_ids if diverged is None else diverged)
+    return [
+        {
+            "dataset": data.name,
+            "method": method_name,
+            "split": int(k),
+            "status": "diverged" if k in bad else "aborted",
+            "error": error,
+            "rmse": None,
+            "test_ll": None,
+            "seconds": 0.0,
+            "data_fingerprint": data.fingerprint(int(k)),
+        }
+        for k in split_ids
+    ]
+
+
+def stale_records(
+    records: Iterable[dict], data: Mapping[str, UCIData]
+) -> dict[str, list[dict]]:
+    """Records whose ``data_fingerprint`` differs from the data now loaded.
+
+    ``data`` maps data set names to loaded data; records of other data sets are
+    not looked at.  A record without a fingerprint (written before they were
+    stored) counts as stale: nothing says which data it was computed on.
+    Returns ``{data set: [stale records]}``.
+    """
+    out: dict[str, list[dict]] = {}
+    cache: dict[tuple[str, int], str] = {}
+    for r in records:
+        ds, k = r["dataset"], r["split"]
+        if ds not in data or not 0 <= k < data[ds].n_splits:
+            continue
+        if (ds, k) not in cache:
+            cache[ds, k] = data[ds].fingerprint(k)
+        if r.get("data_fingerprint") != cache[ds, k]:
+            out.setdefault(ds, []).append(r)
+    return out
 
 
 def _stable_hash(s: str) -> int:

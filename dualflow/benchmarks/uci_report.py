@@ -3,12 +3,20 @@
 Records are dicts with ``dataset, method, split, rmse, test_ll, seconds``
 (see :func:`dualflow.benchmarks.uci.run_uci_group`).  Summaries are mean and
 standard error (sample standard deviation / sqrt(number of splits)).
+
+A (data set, method) group with an invalid record (``status`` not ``"ok"``,
+or a metric that is missing or not finite) is summarised as
+``status: "diverged"`` with ``NaN`` metrics and ``n_diverged`` (the splits that
+diverged; ``"aborted"`` ones do not count): tables print "diverged" and it is
+never the best of a row.  :func:`json_safe` turns ``NaN`` into ``null`` for
+JSON files.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +25,8 @@ from dualflow.data.uci import UCI_DATASETS
 __all__ = [
     "PUBLISHED",
     "best_published_ll",
+    "is_valid_record",
+    "json_safe",
     "markdown_table",
     "plot_summary",
     "summarize",
@@ -94,29 +104,77 @@ def best_published_ll(dataset: str, sources: Sequence[str] = EXTERNAL) -> float:
     return max(PUBLISHED[s]["ll"][dataset] for s in sources)
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def is_valid_record(r: dict) -> bool:
+    """A record that counts as a result: status ok and finite RMSE and LL."""
+    return (
+        r.get("status", "ok") == "ok"
+        and _finite(r.get("rmse"))
+        and _finite(r.get("test_ll"))
+    )
+
+
 def summarize(records: Iterable[dict]) -> dict[str, dict[str, dict]]:
-    """``{dataset: {method: {rmse, rmse_se, ll, ll_se, n, seconds}}}``."""
+    """``{dataset: {method: {status, rmse, rmse_se, ll, ll_se, n, n_diverged,
+    seconds}}}``; a group with any invalid record (see :func:`is_valid_record`)
+    has ``status "diverged"`` and NaN metrics."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         groups.setdefault((r["dataset"], r["method"]), []).append(r)
     out: dict[str, dict[str, dict]] = {}
     for (ds, m), rs in groups.items():
+        n = len(rs)
+        n_bad = sum(not is_valid_record(r) for r in rs)
+        n_div = sum(r.get("status") != "aborted" for r in rs if not is_valid_record(r))
+        seconds = float(sum(r.get("seconds") or 0.0 for r in rs))
+        if n_bad:
+            nan = float("nan")
+            out.setdefault(ds, {})[m] = {
+                "status": "diverged",
+                "rmse": nan,
+                "rmse_se": nan,
+                "ll": nan,
+                "ll_se": nan,
+                "n": n,
+                "n_diverged": n_div,
+                "seconds": seconds,
+            }
+            continue
         rmse = np.array([r["rmse"] for r in rs], float)
         ll = np.array([r["test_ll"] for r in rs], float)
-        n = len(rs)
 
         def se(a, n=n):
             return float(a.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
 
         out.setdefault(ds, {})[m] = {
+            "status": "ok",
             "rmse": float(rmse.mean()),
             "rmse_se": se(rmse),
             "ll": float(ll.mean()),
             "ll_se": se(ll),
             "n": n,
-            "seconds": float(sum(r["seconds"] for r in rs)),
+            "n_diverged": 0,
+            "seconds": seconds,
         }
     return out
+
+
+def _ok(entry: dict) -> bool:
+    return entry.get("status", "ok") == "ok" and _finite(entry.get("ll"))
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _fmt(mean: float, se: float, digits: int) -> str:
@@ -152,12 +210,16 @@ def markdown_table(
         for ds in datasets:
             row = summary[ds]
             n = max((v["n"] for v in row.values()), default=0)
-            vals = {m: row[m][metric] for m in methods if m in row}
+            vals = {m: row[m][metric] for m in methods if m in row and _ok(row[m])}
             best = (max if metric == "ll" else min)(vals.values()) if vals else None
             cells = [ds, str(n)]
             for m in methods:
                 if m not in row:
                     cells.append("—")
+                    continue
+                if not _ok(row[m]):
+                    bad = row[m].get("n_diverged", row[m]["n"])
+                    cells.append(f"diverged ({bad} of {row[m]['n']} splits)")
                     continue
                 s = _fmt(row[m][metric], row[m][f"{metric}_se"], _digits(ds, metric))
                 cells.append(f"**{s}**" if row[m][metric] == best else s)
@@ -165,6 +227,19 @@ def markdown_table(
                 v = PUBLISHED[s][metric].get(ds)
                 cells.append("—" if v is None else f"{v:g}")
             lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+
+    diverged = [
+        f"{ds}/{m}"
+        for ds in datasets
+        for m in methods
+        if m in summary[ds] and not _ok(summary[ds][m])
+    ]
+    if diverged:
+        lines.append(
+            "**Diverged** (a split's training or test metrics went non-finite; not"
+            f" results, never marked best): {', '.join(diverged)}."
+        )
         lines.append("")
 
     # the target: best bp variant vs the best published LL
@@ -181,7 +256,11 @@ def markdown_table(
         wins = 0
         counted = 0
         for ds in datasets:
-            have = {m: summary[ds][m]["ll"] for m in variants if m in summary[ds]}
+            have = {
+                m: summary[ds][m]["ll"]
+                for m in variants
+                if m in summary[ds] and _ok(summary[ds][m])
+            }
             if not have:
                 continue
             m = max(have, key=have.get)
@@ -227,7 +306,7 @@ def plot_summary(
         for i, metric in enumerate(("ll", "rmse")):
             ax = axes[i, j]
             for k, m in enumerate(methods):
-                if m not in summary[ds]:
+                if m not in summary[ds] or not _ok(summary[ds][m]):
                     continue
                 v = summary[ds][m]
                 se = v[f"{metric}_se"]

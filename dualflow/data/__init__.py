@@ -17,7 +17,6 @@ from dualflow.data.fingerprint import fingerprint
 from dualflow.data.images import ImageDataset, load_image_dataset
 from dualflow.data.info import IMAGE_DATASETS, ImageDatasetInfo, dataset_info
 from dualflow.data.paths import DataNotFoundError, resolve_data_dir
-from dualflow.errors import DataError
 from dualflow.data.uci import (
     UCI_DATASETS,
     UCIData,
@@ -26,6 +25,7 @@ from dualflow.data.uci import (
     load_uci,
     uci_split,
 )
+from dualflow.errors import DataError
 
 __all__ = [
     "AugmentConfig",

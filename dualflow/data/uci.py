@@ -13,6 +13,11 @@ directory (config ``data_dir``, then ``$DUALFLOW_DATA_DIR``)::
     uci/<name>/index_test_<k>.txt
     uci/<name>/n_splits.txt, n_hidden.txt, n_epochs.txt   (the protocol)
 
+:func:`load_uci` validates every file it reads (see its docstring) and raises
+:class:`~dualflow.errors.DataError` naming the data set, the file and the first
+bad line; :meth:`UCIData.fingerprint` is what results files store to notice
+changed data.
+
 Protocol: inputs and targets are standardised with the *training* split's
 mean and standard deviation (constant columns get scale 1), models are trained
 in standardised units and metrics are reported in original units (RMSE times
@@ -28,7 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dualflow.data.fingerprint import fingerprint
 from dualflow.data.paths import DataNotFoundError, resolve_data_dir
+from dualflow.data.validate import data_error, read_int_list, read_table
+from dualflow.errors import ConfigError
 
 __all__ = [
     "UCI_DATASETS",
@@ -82,6 +90,21 @@ class UCIData:
     def n_splits(self) -> int:
         return len(self.train_index)
 
+    def fingerprint(self, split: int | None = None) -> str:
+        """Digest of the inputs, targets, protocol and split indices.
+
+        With ``split=k`` only split ``k``'s indices enter (what one benchmark
+        record depends on); with ``None`` all splits do.  Results files store
+        it so a resumed run notices changed data.
+        """
+        splits = range(self.n_splits) if split is None else [split]
+        arrays = {"x": self.x, "y": self.y}
+        arrays["protocol"] = np.asarray([self.n_hidden, self.n_epochs], np.int64)
+        for k in splits:
+            arrays[f"train_{k}"] = self.train_index[k]
+            arrays[f"test_{k}"] = self.test_index[k]
+        return fingerprint(**arrays)
+
 
 @dataclasses.dataclass(frozen=True)
 class UCISplit:
@@ -99,10 +122,6 @@ class UCISplit:
     x_std: np.ndarray
     y_mean: float
     y_std: float
-
-
-def _read_ints(path: Path) -> np.ndarray:
-    return np.atleast_1d(np.loadtxt(path, dtype=np.int64))
 
 
 def _uci_root(data_dir: str | os.PathLike | None) -> Path:
@@ -123,15 +142,49 @@ def _uci_root(data_dir: str | os.PathLike | None) -> Path:
 
 
 def load_uci(name: str, data_dir: str | os.PathLike | None = None) -> UCIData:
-    """Load data set ``name`` and its standard split indices (cached per path)."""
+    """Load data set ``name`` and its standard split indices, validated.
+
+    Checks (each failure is one :class:`~dualflow.errors.DataError` naming the
+    data set, the file and the first bad line): ``data.txt`` is a non-empty
+    table of finite numbers with the same number of columns on every line; the
+    feature/target column indices are integers inside that table; every split
+    file holds integer row indices inside ``data.txt``, without repeats, train
+    and test disjoint and together covering every row.  Cached per folder and
+    file modification times, so a changed file is read again.
+    """
     if name not in UCI_DATASETS:
-        raise ValueError(f"unknown UCI data set {name!r}; choose from {UCI_DATASETS}.")
+        raise ConfigError(
+            f"unknown UCI data set {name!r}; choose from {', '.join(UCI_DATASETS)}."
+        )
     folder = _uci_root(data_dir) / name
-    return _load(str(folder.resolve()) if folder.exists() else str(folder), name)
+    folder = folder.resolve() if folder.exists() else folder
+    return _load(str(folder), name, _stamp(folder))
+
+
+def _stamp(folder: Path) -> tuple:
+    """(file name, size, mtime) of every file in ``folder``: the cache key."""
+    if not folder.is_dir():
+        return ()
+    out = []
+    for p in sorted(folder.iterdir()):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        out.append((p.name, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _one_int(path: Path, name: str, low: int, what: str) -> int:
+    values = read_int_list(path, name, low=low, what=what)
+    if len(values) != 1:
+        raise data_error(name, path, f"holds {len(values)} integers, expected one")
+    return int(values[0])
 
 
 @functools.lru_cache(maxsize=16)
-def _load(folder_str: str, name: str) -> UCIData:
+def _load(folder_str: str, name: str, stamp: tuple) -> UCIData:
+    del stamp  # part of the cache key only
     folder = Path(folder_str)
     needed = ("data.txt", "index_features.txt", "index_target.txt", "n_splits.txt")
     missing = [f for f in needed if not (folder / f).is_file()]
@@ -140,33 +193,51 @@ def _load(folder_str: str, name: str) -> UCIData:
             f"UCI data set {name!r}: {folder} lacks {', '.join(missing)}; copy the"
             f" folder's data/ files from {_SOURCE}."
         )
-    table = np.loadtxt(folder / "data.txt", dtype=np.float64, ndmin=2)
-    features = _read_ints(folder / "index_features.txt")
-    target = int(_read_ints(folder / "index_target.txt")[0])
-    n_splits = int(_read_ints(folder / "n_splits.txt")[0])
-    n_rows = table.shape[0]
+    data_file = folder / "data.txt"
+    table = read_table(data_file, name)
+    n_rows, n_cols = table.shape
+    features = read_int_list(
+        folder / "index_features.txt", name, low=0, high=n_cols, what="column"
+    )
+    target = _one_int(folder / "index_target.txt", name, 0, "column")
+    if target >= n_cols:
+        raise data_error(
+            name,
+            folder / "index_target.txt",
+            f"line 1: column {target} is outside 0..{n_cols - 1} ({data_file} has"
+            f" {n_cols} columns)",
+        )
+    if target in features:
+        raise data_error(
+            name,
+            folder / "index_features.txt",
+            f"lists the target column {target} as a feature",
+        )
+    n_splits = _one_int(folder / "n_splits.txt", name, 1, "number of splits")
     train, test = [], []
     for k in range(n_splits):
-        tr = _read_ints(folder / f"index_train_{k}.txt")
-        te = _read_ints(folder / f"index_test_{k}.txt")
-        for idx, what in ((tr, "train"), (te, "test")):
-            if idx.min() < 0 or idx.max() >= n_rows:
-                raise ValueError(
-                    f"UCI {name}: index_{what}_{k}.txt has indices outside"
-                    f" [0, {n_rows}); the split files do not match data.txt."
-                )
-        if np.intersect1d(tr, te).size:
-            raise ValueError(f"UCI {name}: split {k} has rows in both train and test.")
+        files = (folder / f"index_train_{k}.txt", folder / f"index_test_{k}.txt")
+        lacking = [f.name for f in files if not f.is_file()]
+        if lacking:
+            raise DataNotFoundError(
+                f"UCI data set {name!r}: {folder} lacks {', '.join(lacking)}"
+                f" (n_splits.txt says {n_splits} splits); copy the folder's data/"
+                f" files from {_SOURCE}."
+            )
+        tr, te = (
+            read_int_list(f, name, low=0, high=n_rows, what="row index") for f in files
+        )
+        _check_split(name, files, tr, te, n_rows)
         train.append(tr)
         test.append(te)
 
     def _opt(fname, default):
         p = folder / fname
-        return int(_read_ints(p)[0]) if p.is_file() else default
+        return _one_int(p, name, 1, "value") if p.is_file() else default
 
     x = table[:, features]
     y = table[:, target]
-    for arr in (x, y):
+    for arr in (x, y, *train, *test):
         arr.setflags(write=False)
     return UCIData(
         name=name,
@@ -177,6 +248,40 @@ def _load(folder_str: str, name: str) -> UCIData:
         n_hidden=_opt("n_hidden.txt", 50),
         n_epochs=_opt("n_epochs.txt", 40),
     )
+
+
+def _check_split(
+    name: str, files: tuple[Path, Path], tr: np.ndarray, te: np.ndarray, n_rows: int
+) -> None:
+    """Rows of a split: no repeats, train and test disjoint, all rows covered."""
+    for idx, f in zip((tr, te), files, strict=True):
+        order = np.argsort(idx, kind="stable")
+        repeats = order[1:][idx[order[1:]] == idx[order[:-1]]]
+        if repeats.size:
+            i = int(repeats.min())
+            raise data_error(
+                name, f, f"entry {i + 1}: row {idx[i]} is listed a second time"
+            )
+    both = np.isin(te, tr)
+    if both.any():
+        i = int(np.flatnonzero(both)[0])
+        raise data_error(
+            name,
+            files[1],
+            f"entry {i + 1}: row {te[i]} is also in {files[0].name} (train and test"
+            " overlap)",
+        )
+    if len(tr) + len(te) != n_rows:
+        covered = np.zeros(n_rows, bool)
+        covered[tr] = covered[te] = True
+        first = int(np.flatnonzero(~covered)[0])
+        raise data_error(
+            name,
+            files[0],
+            f"and {files[1].name} cover {len(tr) + len(te)} of the {n_rows} rows of"
+            f" data.txt (row {first} is in neither); the split files do not match"
+            " data.txt",
+        )
 
 
 def inner_split_indices(
