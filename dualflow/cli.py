@@ -171,7 +171,10 @@ def _guarded(main: Callable[..., int | None], *args: Any) -> int | None:
     except app.UsageError as err:
         fail(str(err))
     except DualflowError as err:
-        fail(str(err), err.hint)
+        text = str(err)
+        if err.hint and "\n" in text.strip():  # details are for API users
+            text = text.strip().splitlines()[0]
+        fail(text, err.hint)
     except Interrupted as err:
         print(_one_line(str(err)) or "interrupted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None

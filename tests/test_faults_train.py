@@ -424,3 +424,27 @@ def test_resume_on_changed_data_refuses(tmp_path):
     with pytest.raises(ConfigError, match="data fingerprint"):
         train_and_evaluate(cfg, workdir)
     assert tree_digest(workdir) == before
+
+
+def test_missing_image_data_is_one_error_line_and_a_hint(tmp_path):
+    env = {**os.environ, "DUALFLOW_DATA_DIR": str(tmp_path / "no-data")}
+    env.pop("DUALFLOW_INJECT_FAULT", None)
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        "--config=configs/cifar10_resnet.py",
+        f"--workdir={tmp_path / 'w'}",
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO
+    )
+    assert out.returncode == 2
+    lines = stderr_lines(out)
+    assert lines == [
+        "error: Could not find the cifar10 data set:"
+        f" {tmp_path / 'no-data'} does not exist.",
+        lines[1],
+    ]
+    assert lines[1].startswith("hint: put cifar-10-batches-py/")
+    assert "--config.data.download=True" in lines[1]
+    assert not (tmp_path / "w").exists()

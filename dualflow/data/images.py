@@ -224,7 +224,10 @@ def _load_standard(name: str, root: Path | None, download: bool) -> ImageDataset
             if variant is not None:
                 return read_tfds_variant(variant, name)
             download_error = f"download_and_prepare left no data under {target}"
-    raise DataNotFoundError(_not_found_message(name, root, searched, download_error))
+    raise DataNotFoundError(
+        _not_found_message(name, root, searched, download_error),
+        hint=_not_found_hint(name, root, download_error),
+    )
 
 
 def find_tfds_variant(tfds_root: Path, name: str) -> Path | None:
@@ -616,15 +619,17 @@ def _not_found_message(
     name: str, root: Path | None, searched: list[str], download_error: str | None
 ) -> str:
     d = str(root) if root is not None else "<data_dir>"
-    lines = [f"Could not find the {name} data set."]
     if root is None:
-        lines.append(
-            f"No data directory is configured: set the config field data_dir or the"
-            f" environment variable {ENV_VAR} to the folder holding the data sets."
+        first = (
+            f"Could not find the {name} data set: no data directory is configured"
+            f" (set the config field data_dir or the environment variable {ENV_VAR}"
+            " to the folder holding the data sets)."
         )
     elif not root.is_dir():
-        lines.append(f"The data directory {root} does not exist.")
-    lines.append("Searched:")
+        first = f"Could not find the {name} data set: {root} does not exist."
+    else:
+        first = f"Could not find the {name} data set in {root}."
+    lines = [first, "Searched:"]
     lines += [f"  - {s}" for s in searched]
     lines.append("Put one of these in place:")
     lines.append(
@@ -661,6 +666,23 @@ def _not_found_message(
             " with scikit-learn)."
         )
     return "\n".join(lines)
+
+
+def _not_found_hint(name: str, root: Path | None, download_error: str | None) -> str:
+    """The one-line form of :func:`_not_found_message`'s remedies (for scripts)."""
+    d = str(root) if root is not None else f"${ENV_VAR}"
+    if name in _MNIST_FAMILY:
+        files = f"{name}/ with the idx files"
+    else:
+        folder, archive = _CIFAR[name][:2]
+        files = f"{folder}/, {archive}"
+    where = f"put {files}, {name}.npz or tfds-prepared data under {d}"
+    if download_error is not None:
+        return f"{where} (download failed: {download_error})"
+    return (
+        f"{where}, or pass --config.data.download=True (needs TensorFlow and"
+        " network access); load_image_dataset's error lists every path searched"
+    )
 
 
 # --------------------------------------------------------------------------------
