@@ -238,6 +238,23 @@ class CalibrationBins(NamedTuple):
     accuracy: Array
 
 
+def _exact_inner_edges(b: int, dtype: jnp.dtype) -> Array:
+    """Interior equal-width edges ``fl(k/B)``, ``k = 1..B-1``, as a ``[B-1]`` constant.
+
+    Built on the host: NumPy's float64 division is correctly rounded, and
+    rounding that once more to a narrower binary format (float32, float16,
+    bfloat16: at most 24 significand bits <= (53 - 2) / 2) equals rounding the
+    exact quotient ``k/B`` directly (double rounding is innocuous for division
+    at these widths), so every edge is *the* nearest float to ``k/B`` in
+    ``dtype``.  Computing ``arange(1, B) / B`` inside ``jit`` instead lets XLA
+    use ``k * fl(1/B)``, which is one ulp off for e.g. ``k/B`` = 0.3, 0.6, 0.7
+    (float64, B = 10) or 0.8 (float32, B = 15), and moves confidences that sit
+    exactly on an edge into the lower bin.
+    """
+    k = np.arange(1, b, dtype=np.int64)
+    return jnp.asarray((k / b).astype(np.dtype(dtype)), dtype=dtype)
+
+
 @partial(jax.jit, static_argnums=(2, 3))
 def _bin_sums(
     probs: Array, labels: Array, b: int, binning: str
@@ -252,8 +269,9 @@ def _bin_sums(
         # interior edges <= conf, so bin b is [b/B, (b+1)/B) and conf == 1 (or a
         # rounding overshoot above 1) lands in the last bin.  "compare_all" is
         # O(N B) work, cheap for the usual B of 10-20 and fastest to compile.
-        inner = jnp.arange(1, b, dtype=dtype) / b
-        idx = jnp.searchsorted(inner, conf, side="right", method="compare_all")
+        idx = jnp.searchsorted(
+            _exact_inner_edges(b, dtype), conf, side="right", method="compare_all"
+        )
         sorted_ids = False
     else:
         # Sort by confidence (stable: ties keep input order) and cut the sorted
@@ -289,9 +307,13 @@ def calibration_bins(
       labels: ``[N]`` integer class indices.
       num_bins: ``B``, a static Python int >= 1.
       binning: ``"equal_width"``: bin ``b`` is ``[b/B, (b+1)/B)`` (edges
-        computed as ``fl(b/B)`` in the input dtype), except that the last bin is
-        closed, ``[(B-1)/B, 1]``; equal-width bin edges are thus
-        ``jnp.arange(B + 1) / B``.  ``"equal_mass"`` (adaptive): examples are
+        ``fl(b/B)``: the float of the input dtype nearest to ``b/B``), except
+        that the last bin is closed, ``[(B-1)/B, 1]``; equal-width bin edges
+        are thus ``np.arange(B + 1) / B`` rounded once to the dtype.  A
+        confidence equal to an edge opens the upper bin exactly, e.g. ``0.7``
+        (``fl(7/10)``) is in bin 7 of 10, eager or under ``jit`` (the edges are
+        host constants: computing ``arange(B + 1) / B`` inside ``jit`` is one
+        ulp off for some ``b``).  ``"equal_mass"`` (adaptive): examples are
         sorted by confidence (stable sort, so tied confidences keep input order
         and may be split between neighbouring bins) and cut into ``B``
         consecutive groups following ``np.array_split``: with ``N = q B + r``

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dualflow.gaussian import Gaussian, as_gaussian
 
@@ -128,6 +129,12 @@ def categorical_nll(
       method: ``"probit"`` (``-log`` of :func:`probit_softmax`, the predictive
         probability), ``"second_order"`` (``-`` :func:`expected_log_softmax`,
         the expected log-likelihood of Eq. 2), or ``"mean"`` (ignore the variance).
+
+    Raises:
+      ValueError: concrete integer labels outside ``[0, K)`` (or non-integer
+        float labels of the class-less shape).  Under ``jit`` labels are not
+        inspected and an out-of-range label gives NaN for its example (see
+        :func:`label_nll`).
     """
     logits = as_gaussian(logits, "categorical_nll logits")
     if axis not in (-1, logits.ndim - 1):
@@ -152,16 +159,70 @@ def categorical_nll(
             f"categorical_nll: method={method!r}; use 'probit', 'second_order' or"
             " 'mean'."
         )
-    return label_nll(logp, labels)
+    return _label_nll(logp, labels, "categorical_nll")
+
+
+def _check_hard_labels(labels: Array, num_classes: int, where: str) -> None:
+    """Raise ``ValueError`` for concrete class indices outside ``[0, K)``.
+
+    Traced labels (under ``jit``/``grad``/``vmap``) cannot be inspected and
+    are left alone (see :func:`label_nll`).  Float labels must be
+    integer-valued (they are cast to ``int32``, which would truncate).
+    """
+    if isinstance(labels, jax.core.Tracer) or labels.size == 0:
+        return
+    vals = np.asarray(labels)
+    if np.issubdtype(vals.dtype, np.floating):
+        bad = ~np.isfinite(vals) | (vals != np.round(vals))
+        if bad.any():
+            value = vals[bad].flat[0].item()
+            raise ValueError(
+                f"{where}: labels has the non-integer value {value!r}"
+                f" at index {tuple(int(i) for i in np.argwhere(bad)[0])}; labels"
+                f" must be class indices in [0, {num_classes}) (soft labels need"
+                f" the logits' shape [..., {num_classes}])."
+            )
+    bad = (vals < 0) | (vals >= num_classes)
+    if bad.any():
+        raise ValueError(
+            f"{where}: labels has the value {vals[bad].flat[0].item()!r} at index"
+            f" {tuple(int(i) for i in np.argwhere(bad)[0])}, outside the valid"
+            f" class range [0, {num_classes}) for {num_classes} classes"
+            f" ({int(bad.sum())} out-of-range label(s) in all)."
+        )
 
 
 def label_nll(logp: Array, labels: Array) -> Array:
     """``-log p[label]`` for integer labels ``[...]`` or ``-sum_k t_k log p_k``
-    for soft labels ``[..., K]``; ``logp`` is ``[..., K]``."""
+    for soft labels ``[..., K]``; ``logp`` is ``[..., K]``.
+
+    Integer labels must lie in ``[0, K)``.  Concrete (eager) labels are
+    checked: an out-of-range or non-integer label raises ``ValueError`` naming
+    the value and the valid range.  Traced labels (inside ``jit``, ``grad``,
+    ``vmap``...) cannot be checked without a host round trip, so there an
+    out-of-range label (negative ones included: they do *not* wrap around as
+    in NumPy indexing) gives ``NaN`` for its example, which makes the batch
+    loss NaN instead of silently training on a wrong class.  ``checkify`` is
+    not used: a check inside the loss would force every caller to wrap its
+    whole training step with ``checkify.checkify``; validate labels once,
+    eagerly, where the data set is built, or run one eager loss call.
+    """
+    return _label_nll(logp, labels, "label_nll")
+
+
+def _label_nll(logp: Array, labels: Array, where: str) -> Array:
+    """:func:`label_nll`; ``where`` names the public caller in errors."""
     labels = jnp.asarray(labels)
     if labels.shape == logp.shape and jnp.issubdtype(labels.dtype, jnp.floating):
         return -jnp.sum(labels * logp, axis=-1)
-    return -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), -1)[..., 0]
+    num_classes = logp.shape[-1]
+    _check_hard_labels(labels, num_classes, where)
+    idx = labels.astype(jnp.int32)
+    valid = (idx >= 0) & (idx < num_classes)
+    picked = jnp.take_along_axis(
+        logp, jnp.where(valid, idx, 0)[..., None], -1, mode="clip"
+    )[..., 0]
+    return jnp.where(valid, -picked, jnp.nan)
 
 
 # --------------------------------------------------------------------------

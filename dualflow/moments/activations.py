@@ -38,7 +38,12 @@ Backward rules (``backward=``):
   weight variances) differ from autodiff by ``f''(m)/2 * dJ/dm_out`` even as
   ``v -> 0``; gradients w.r.t. means converge
   (``tests/test_bp.py::test_matched_bp_variance_gradient_difference_is_the_curvature_term``).
-* ``"autodiff"``: reverse mode through the forward formulas.
+  It is a ``jax.custom_vjp``, i.e. reverse mode only: ``jax.jvp`` or
+  ``jax.jacfwd`` through it raise a ``TypeError`` that points to
+  ``backward="autodiff"`` (``jax.linearize`` and forward-over-reverse
+  ``jax.hessian`` do run).
+* ``"autodiff"``: reverse mode through the forward formulas (forward mode
+  works too).
 """
 
 from __future__ import annotations
@@ -93,22 +98,47 @@ def _drelu(x):
     return (x > 0).astype(x.dtype)
 
 
-def _sigmoid(x):
+# Saturating activations: JAX differentiates tanh as 1 - tanh(x)^2 and the
+# logistic as sigma (1 - sigma), which cancel where f saturates (relative
+# error ~eps e^{2|x|}: 2e-8 at |x| = 10, and exactly 0 instead of ~1e-17 at
+# |x| = 20).  These custom_jvp versions keep the primal (jnp.tanh /
+# jax.nn.sigmoid) and use sigma(x) sigma(-x) = e^{-|x|} / (1 + e^{-|x|})^2
+# and 1 / cosh^2 = 4 sigma(2x) sigma(-2x): products of positive factors,
+# full relative precision everywhere.  The rules call _sigmoid again, so
+# derivatives of any order stay stable (autodiff of the matched quadrature,
+# of the gain, and of the linearized variance).
+@jax.custom_jvp
+def _sigmoid(x: Array) -> Array:
+    """Logistic ``1 / (1 + e^{-x})``, element-wise; ``sigma' = sigma(x) sigma(-x)``."""
     return jax.nn.sigmoid(x)
 
 
-def _dsigmoid(x):
-    # sigma(x) sigma(-x): no cancellation in 1 - sigma(x) for large x.
-    return jax.nn.sigmoid(x) * jax.nn.sigmoid(-x)
+@_sigmoid.defjvp
+def _sigmoid_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return _sigmoid(x), _dsigmoid(x) * dx
 
 
-def _tanh(x):
+def _dsigmoid(x: Array) -> Array:
+    """``sigma'(x) = sigma(x) sigma(-x)``: no cancellation in ``1 - sigma(x)``."""
+    return _sigmoid(x) * _sigmoid(-x)
+
+
+@jax.custom_jvp
+def _tanh(x: Array) -> Array:
+    """``tanh``, element-wise; derivative ``1 / cosh^2`` in the stable form."""
     return jnp.tanh(x)
 
 
-def _dtanh(x):
-    # 1 / cosh^2 written as 4 sigma(2x) sigma(-2x): finite, no cancellation.
-    return 4.0 * jax.nn.sigmoid(2 * x) * jax.nn.sigmoid(-2 * x)
+@_tanh.defjvp
+def _tanh_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return _tanh(x), _dtanh(x) * dx
+
+
+def _dtanh(x: Array) -> Array:
+    """``1 / cosh^2(x) = 4 sigma(2x) sigma(-2x)``: finite, no cancellation."""
+    return 4.0 * _sigmoid(2 * x) * _sigmoid(-2 * x)
 
 
 def _softplus(x):
@@ -124,11 +154,11 @@ def _dgelu(x):
 
 
 def _silu(x):
-    return x * jax.nn.sigmoid(x)
+    return x * _sigmoid(x)
 
 
 def _dsilu(x):
-    return jax.nn.sigmoid(x) * (1 + x * jax.nn.sigmoid(-x))
+    return _sigmoid(x) * (1 + x * _sigmoid(-x))
 
 
 def _derf(x):
@@ -173,6 +203,20 @@ class _Kernel:
     order: int = 48
 
     def __call__(self, m: Array, v: Array) -> tuple[Array, Array, Array]:
+        """``(mean, var, gain)``, each of the shape and dtype of ``m``.
+
+        Floats narrower than 32 bits (bfloat16, float16) are computed in
+        float32 and rounded once at the end: ``jax.scipy.special.ndtr`` and
+        friends reject bfloat16, and an 8-bit significand would not resolve
+        the quadrature or the closed forms' cancellations anyway.
+        """
+        dtype = jnp.result_type(m, v)
+        if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+            out = self._moments(m.astype(jnp.float32), v.astype(jnp.float32))
+            return tuple(o.astype(dtype) for o in out)
+        return self._moments(m, v)
+
+    def _moments(self, m: Array, v: Array) -> tuple[Array, Array, Array]:
         if self.name == "leaky_relu":
             a = self.negative_slope
             if self.mode == "matched":
@@ -209,6 +253,37 @@ def _elementwise_bp_bwd(kernel, gain, cot):
 _elementwise_bp.defvjp(_elementwise_bp_fwd, _elementwise_bp_bwd)
 
 
+FORWARD_MODE_HINT = (
+    'use backward="autodiff" for forward mode (jax.jvp, jax.jacfwd): it'
+    " differentiates the same forward moments with ordinary JAX rules"
+)
+
+
+def is_forward_mode_error(err: BaseException) -> bool:
+    """Whether ``err`` is JAX's refusal to apply forward mode to a ``custom_vjp``."""
+    msg = str(err)
+    return (
+        isinstance(err, TypeError)
+        and "custom_vjp" in msg
+        and ("forward-mode" in msg or "jvp" in msg)
+        and "backward=" not in msg  # not already explained by dualflow
+    )
+
+
+def forward_mode_error(where: str, backward: str, err: TypeError) -> TypeError:
+    """A ``TypeError`` explaining why forward mode fails with the BP backward rule.
+
+    The belief-propagation backward pass is a ``jax.custom_vjp`` (a reverse-mode
+    rule only), and JAX cannot derive a JVP from a VJP.
+    """
+    return TypeError(
+        f"{where}: forward-mode differentiation is not available with"
+        f" backward={backward!r}: the belief-propagation backward rule is a"
+        " jax.custom_vjp, which defines reverse mode only (jax.grad, jax.vjp,"
+        f" jax.jacrev work); {FORWARD_MODE_HINT}.  (JAX: {err})"
+    )
+
+
 def _apply(kernel: _Kernel, x, backward: str) -> Gaussian:
     if kernel.mode not in MODES:
         raise ValueError(f"{kernel.name}: mode={kernel.mode!r} is not one of {MODES}.")
@@ -217,7 +292,12 @@ def _apply(kernel: _Kernel, x, backward: str) -> Gaussian:
     if backward == "autodiff":
         mean, var, _ = kernel(x.mean, x.var)
     else:
-        mean, var = _elementwise_bp(kernel, x.mean, x.var)
+        try:
+            mean, var = _elementwise_bp(kernel, x.mean, x.var)
+        except TypeError as e:
+            if not is_forward_mode_error(e):
+                raise
+            raise forward_mode_error(kernel.name, backward, e) from e
     return Gaussian(mean, var)
 
 
@@ -240,7 +320,8 @@ def _make(name: str, doc: str):
     act.__doc__ = (
         f"{doc}\n\n    Args:\n      x: `Gaussian` (or array = point) of any shape.\n"
         "      mode: 'linearized' (Algorithm 1) or 'matched' (exact moments).\n"
-        "      backward: 'bp' (smoothing-gain rule) or 'autodiff'.\n"
+        "      backward: 'bp' (smoothing-gain rule; reverse mode only) or"
+        " 'autodiff' (also supports jax.jvp / jax.jacfwd).\n"
         "      quadrature_order: nodes of the matched-mode quadrature (where"
         " no closed form exists).\n\n"
         "    Returns:\n      `Gaussian` of the same shape.\n    "

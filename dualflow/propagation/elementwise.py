@@ -150,6 +150,25 @@ def _broadcast_scalars(args: list) -> list:
     return [jnp.broadcast_to(x, shape) if jnp.ndim(x) == 0 else x for x in args]
 
 
+# Saturating primitives evaluated through dualflow's custom-JVP versions: same
+# values, but their derivatives (the linearized gain, the quadrature's f' and
+# every autodiff gradient of the moments) avoid JAX's 1 - tanh^2 and
+# sigma (1 - sigma), which lose all relative accuracy where f saturates
+# (|x| >~ 10); see dualflow.moments.activations._sigmoid.
+_STABLE_PRIMS: dict[str, Callable[[Array], Array]] = {
+    "tanh": acts._tanh,
+    "logistic": acts._sigmoid,
+}
+
+
+def _stable_substitute(op: Op) -> Callable[[Array], Array] | None:
+    """The stable replacement of ``op`` if it is a default-accuracy tanh/logistic."""
+    fn = _STABLE_PRIMS.get(op.prim.name)
+    if fn is None or op.param_dict.get("accuracy") is not None:
+        return None
+    return fn
+
+
 def run_program(prog: Program, a, consts) -> Array:
     """Evaluate the program at ``a`` (same shape as the source, or broadcast)."""
     vals: list = []
@@ -167,6 +186,10 @@ def run_program(prog: Program, a, consts) -> Array:
             # program's JVP zero, so mode="linearized" gave var = 0 for
             # stop_gradient(x); gradients of the moments are not stopped.)
             vals.append(get(op.refs[0]))
+            continue
+        stable = _stable_substitute(op)
+        if stable is not None:
+            vals.append(stable(get(op.refs[0])))
             continue
         bind_params = op.prim.get_bind_params(op.param_dict)
         args = _broadcast_scalars([get(r) for r in op.refs])

@@ -33,6 +33,7 @@ import numpy as np
 
 from dualflow.gaussian import Gaussian
 from dualflow.moments import BACKWARDS, MODES
+from dualflow.moments import activations as acts
 from dualflow.propagation import elementwise as ew
 from dualflow.propagation.values import (
     Lazy,
@@ -519,8 +520,15 @@ class Propagated:
             else x
             for x in dyn
         ]
-        outs = interp.eval_closed(closed, invals)
-        outs = [interp.gaussian(o) if is_random(o) else o for o in outs]
+        try:
+            outs = interp.eval_closed(closed, invals)
+            outs = [interp.gaussian(o) if is_random(o) else o for o in outs]
+        except TypeError as e:
+            # jax.jvp / jacfwd over the custom_vjp (BP) rules: JAX's message
+            # names neither the cause nor the fix.
+            if self.backward == "autodiff" or not acts.is_forward_mode_error(e):
+                raise
+            raise acts.forward_mode_error("dualflow.propagate", self.backward, e) from e
         return jax.tree_util.tree_unflatten(out_tree, outs)
 
 
@@ -543,7 +551,14 @@ def propagate(
       backward: ``"bp"`` (belief-propagation / smoothing-gain ``custom_vjp``
         rules of :mod:`dualflow.moments`), ``"autodiff"`` (reverse mode
         through the same forward) or ``"bp_fixed_noise"`` (paper App. A rule
-        for weight layers).
+        for weight layers).  The two BP rules are ``jax.custom_vjp``
+        (reverse-mode rules): ``jax.jvp`` and ``jax.jacfwd`` through the
+        result raise a ``TypeError`` naming ``backward="autodiff"``, which
+        supports forward mode (JAX's original error is chained as
+        ``__cause__``).  When a ``jax.jit`` sits between the forward-mode
+        transform and this function, JAX raises its own ``custom_vjp``
+        message after tracing, where it cannot be rewritten.
+        ``jax.linearize`` and ``jax.hessian`` (forward-over-reverse) run.
       cache_size: traced jaxprs kept (one per argument structure/shape/dtype).
 
     Returns:
