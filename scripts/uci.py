@@ -44,6 +44,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from dualflow import cli
+from dualflow.train.interrupts import InterruptGuard, inject
 
 _CONFIG = cli.define_config_file(
     "config",
@@ -199,6 +200,51 @@ def _check_quick(records: list[dict], loaded: dict) -> list[str]:
     return problems
 
 
+def _run_groups(groups, loaded, records, results_path, fingerprint, cfg, guard):
+    """Run each (data set, method) group; rewrite results.json after each.
+
+    After SIGINT/SIGTERM (``guard``) the current group finishes and is written,
+    then :class:`~dualflow.errors.Interrupted` is raised (exit 130).
+    """
+    from dualflow.benchmarks.uci import diverged_records, run_uci_group
+    from dualflow.benchmarks.uci_report import is_valid_record, json_safe
+    from dualflow.errors import Interrupted
+    from dualflow.io import write_json_atomic
+
+    bar = tqdm(groups, unit="group", disable=not cfg.progress, file=sys.stdout)
+    for done, (ds, m, todo) in enumerate(bar, 1):
+        bar.set_description(f"{ds}/{m}")
+        inject("group", done)  # test hook (dualflow.train.interrupts)
+        try:
+            new = run_uci_group(loaded[ds], m, todo, cfg, log=tqdm.write)
+        except FloatingPointError as e:  # DivergenceError and numerical checks
+            tqdm.write(
+                f"DIVERGED {e}" if str(e).startswith(ds) else f"DIVERGED {ds}/{m}: {e}"
+            )
+            new = diverged_records(
+                loaded[ds], m, todo, str(e), getattr(e, "splits", None)
+            )
+        else:
+            bad = [r["split"] for r in new if not is_valid_record(r)]
+            if bad:
+                tqdm.write(
+                    f"DIVERGED {ds}/{m}: non-finite test metrics on splits {bad}"
+                )
+        for r in new:
+            r["config"] = fingerprint
+        keys = {_key(r) for r in new}
+        records = [r for r in records if _key(r) not in keys] + new
+        write_json_atomic(results_path, json_safe(records))
+        if guard.requested is not None:
+            bar.close()
+            raise Interrupted(
+                f"interrupted ({guard.requested}) after {ds}/{m}; {done} of"
+                f" {len(groups)} groups done and saved in {results_path};"
+                " rerun the same command to resume"
+            )
+    return records
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(
@@ -213,12 +259,9 @@ def main(argv: list[str]) -> None:
         UCI_METHODS,
         apply_quick,
         config_fingerprint,
-        diverged_records,
-        run_uci_group,
         stale_records,
     )
     from dualflow.benchmarks.uci_report import (
-        is_valid_record,
         json_safe,
         markdown_table,
         plot_summary,
@@ -312,29 +355,16 @@ def main(argv: list[str]) -> None:
         )
     commit = git_commit(Path(__file__).resolve().parents[1])  # the code that ran
     t0 = time.time()
-    bar = tqdm(groups, unit="group", disable=not cfg.progress, file=sys.stdout)
-    for ds, m, todo in bar:
-        bar.set_description(f"{ds}/{m}")
-        try:
-            new = run_uci_group(loaded[ds], m, todo, cfg, log=tqdm.write)
-        except FloatingPointError as e:  # DivergenceError and numerical checks
-            tqdm.write(
-                f"DIVERGED {e}" if str(e).startswith(ds) else f"DIVERGED {ds}/{m}: {e}"
-            )
-            new = diverged_records(
-                loaded[ds], m, todo, str(e), getattr(e, "splits", None)
-            )
-        else:
-            bad = [r["split"] for r in new if not is_valid_record(r)]
-            if bad:
-                tqdm.write(
-                    f"DIVERGED {ds}/{m}: non-finite test metrics on splits {bad}"
-                )
-        for r in new:
-            r["config"] = fingerprint
-        keys = {_key(r) for r in new}
-        records = [r for r in records if _key(r) not in keys] + new
-        write_json_atomic(results_path, json_safe(records))
+    guard = InterruptGuard(
+        second_message="second interrupt: exiting now; results.json keeps every"
+        " finished group",
+        first_notice="finishing the current group, then stopping (Ctrl-C again"
+        " to stop at once)",
+    )
+    with guard:
+        records = _run_groups(
+            groups, loaded, records, results_path, fingerprint, cfg, guard
+        )
     wall = time.time() - t0
 
     # report over the requested data sets, methods and splits with this config

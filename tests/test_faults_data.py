@@ -553,9 +553,10 @@ TINY = (
 )
 
 
-def run_script(*args, data_dir: Path, cache: Path, timeout=300):
+def run_script(*args, data_dir: Path, cache: Path, timeout=300, **extra_env):
     env = dict(
         os.environ,
+        **extra_env,
         DUALFLOW_DATA_DIR=str(data_dir),
         JAX_PLATFORMS="cpu",
         # the rerun test compiles the same programs again: reuse them
@@ -750,3 +751,32 @@ def test_missing_data_dir_and_bad_names_exit_2(workspace):
     )
     assert "config.splits: yacht has splits 0..19, got 20" in error_line(res)
     assert snapshot(work) == before
+
+
+def test_sigint_finishes_the_group_saves_it_and_exits_130(workspace):
+    """Ctrl-C during a group: it finishes, results.json gets it, exit 130 with
+    one line; the rerun reuses it and runs only the rest."""
+    data, work, cache = workspace
+    methods = "--config.methods=bp,bp_matched,mc_dropout"  # bp already finished
+    env_fault = {"DUALFLOW_INJECT_FAULT": "SIGINT@group:1"}
+    res = run_script(
+        *TINY, methods, f"--workdir={work}", data_dir=data, cache=cache, **env_fault
+    )
+    assert res.returncode == 130, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("SIGINT: finishing the current group")
+    assert lines[-1] == (
+        "interrupted (SIGINT) after yacht/bp_matched; 1 of 2 groups done and saved"
+        f" in {work / 'results.json'}; rerun the same command to resume"
+    )
+    records = json.loads((work / "results.json").read_text())
+    done = sorted({r["method"] for r in records})
+    assert done == ["bp", "bp_matched"]
+    saved = [r for r in records if r["method"] == "bp_matched"]
+    res = run_script(*TINY, methods, f"--workdir={work}", data_dir=data, cache=cache)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "4 finished records reused, 2 to run" in res.stdout
+    records = json.loads((work / "results.json").read_text())
+    assert [r for r in records if r["method"] == "bp_matched"] == saved
+    assert sorted({r["method"] for r in records}) == ["bp", "bp_matched", "mc_dropout"]

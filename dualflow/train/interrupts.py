@@ -13,7 +13,7 @@ behind by the steps since its last checkpoint.
 
 :func:`inject` is a test hook: ``DUALFLOW_INJECT_FAULT="SIGINT@step:7"``
 (``<signal>[x<count>]@<point>[:<step>]``; points ``step``, ``save``, ``save-write``,
-``eval``, ``compile``) sends the signal to this process at that point, so a
+``eval``, ``compile``; ``group`` in ``scripts/uci.py``) sends the signal to this process at that point, so a
 test can interrupt a subprocess at an exact moment (``save-write``: while
 orbax is writing checkpoint ``step``'s files; ``compile``: 0.2 s into the
 first train step).  Unset, it costs one dictionary look-up per call.
@@ -41,12 +41,13 @@ class InterruptGuard:
     inert and :attr:`requested` stays ``None``.
     """
 
-    def __init__(self, second_message: str = ""):
+    def __init__(self, second_message: str = "", first_notice: str = ""):
         self.requested: str | None = None
         self._old: dict = {}
         self._second = second_message or (
             "second interrupt: exiting now; the workdir keeps its last checkpoint"
         )
+        self._notice = first_notice
 
     def _handle(self, signum, frame) -> None:
         if self.requested is not None:
@@ -54,6 +55,9 @@ class InterruptGuard:
             sys.stderr.flush()
             os._exit(130)
         self.requested = signal.Signals(signum).name
+        if self._notice:  # long units of work: say that the signal was heard
+            sys.stderr.write(f"{self.requested}: {self._notice}\n")
+            sys.stderr.flush()
 
     def __enter__(self) -> InterruptGuard:
         if threading.current_thread() is threading.main_thread():
