@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dualflow.benchmarks import sequence as seq
+from dualflow.errors import DataError
 
 
 def test_adding_problem_markers_and_target():
@@ -130,6 +131,17 @@ def test_quick_studies_end_to_end(tmp_path):
         assert r["n_test"] == 1000 and r["n_train"] + r["n_val"] == 4000
     md = (tmp_path / "results.md").read_text()
     assert "Adding problem" in md and "permuted_mnist" in md
+
+    # records computed on other data are never reused: refused, file unchanged
+    assert all(len(r["data_fingerprint"]) == 16 for r in mn)
+    tampered = next(r for r in on_disk["records"] if r["task"] == "sequential_mnist")
+    tampered["data_fingerprint"] = "0" * 16
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(on_disk))
+    before = path.read_bytes()
+    with pytest.raises(DataError, match="computed on other mnist_5k data"):
+        seq.run_study(tmp_path, adding=None, mnist=mnist2, command="t", log=logs.append)
+    assert path.read_bytes() == before
 
 
 def test_script_rejects_bad_flags_with_one_error_line(tmp_path):

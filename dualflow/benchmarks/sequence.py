@@ -40,6 +40,8 @@ from flax import nnx
 
 import dualflow.nn as dnn
 from dualflow import metrics
+from dualflow.data.fingerprint import fingerprint
+from dualflow.errors import DataError
 from dualflow.io import write_json_atomic, write_text_atomic
 from dualflow.models.rnn import SequenceNet
 from dualflow.train.fit import make_pure_step
@@ -147,7 +149,26 @@ def load_mnist_sequences(
         "x_test": xt,
         "y_test": np.asarray(ds.y_test).astype(np.int32),
         "source": ds.source,
+        "fingerprint": fingerprint(
+            x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test
+        ),
     }
+
+
+def _check_fingerprint(records: list[dict], task: str, fp: str, path: Path) -> None:
+    """Refuse to reuse ``task`` records computed on other data (records written
+    before fingerprints existed carry none and are reused)."""
+    stale = [
+        r
+        for r in records
+        if r.get("task") == task and r.get("data_fingerprint", fp) != fp
+    ]
+    if stale:
+        raise DataError(
+            f"{path}: {len(stale)} {task} records were computed on other mnist_5k"
+            f" data (fingerprint {stale[0]['data_fingerprint']}, now {fp}).",
+            hint="pass --rerun to recompute them, or move the results folder away",
+        )
 
 
 # --------------------------------------------------------------------------------
@@ -811,6 +832,8 @@ def run_study(
         for task in mnist.tasks:
             data = load_mnist_sequences(task, mnist.val_size)
             meta["mnist_source"] = data["source"]
+            if not rerun:
+                _check_fingerprint(records, task, data["fingerprint"], path)
             for method in mnist.methods:
                 for seed in mnist.seeds:
                     if (task, method, 28, seed) in done:
@@ -819,6 +842,7 @@ def run_study(
                     r = run_mnist(
                         task, method, seed, data, mnist, progress=progress, log=log
                     )
+                    r["data_fingerprint"] = data["fingerprint"]
                     finish(r)
                     log(
                         f"  {task} {method} seed {seed}: acc {r['test_accuracy']:.4f}"
