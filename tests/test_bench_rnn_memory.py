@@ -40,7 +40,7 @@ def test_residuals_linear_in_seq_len(cell, variant):
 @pytest.mark.parametrize("cell", rm.CELLS)
 def test_bp_keeps_fewer_arrays_per_step_than_autodiff(cell):
     """BP through time keeps the states (m_t, P_t) per step, the per-op rules
-    (m_{t-1}, P_{t-1}, J_t), autodiff 5 (IndRNN/ReLU) or 12 (SRN/tanh) arrays
+    (m_{t-1}, P_{t-1}, J_t), autodiff 5 (IndRNN/ReLU) or 11 (SRN/tanh) arrays
     (docs/benchmarks.md, issue 20 section: update both if this changes)."""
     t = 8
     unit = t * N * H * 4
@@ -48,7 +48,7 @@ def test_bp_keeps_fewer_arrays_per_step_than_autodiff(cell):
         _stats(cell, v, t)["scan_per_step"] // unit
         for v in ("bp", "bp_per_op", "autodiff")
     )
-    assert counts == (2, 3, 5 if cell == "indrnn" else 12)
+    assert counts == (2, 3, 5 if cell == "indrnn" else 11)
     names = rm.identify_step_residuals(cell, "bp", _cfg(t))
     # linearised: P_t is J_t^2 times the pre-activation variance by definition
     assert [n.split(" = ") for n in names][0] == ["m_t"]

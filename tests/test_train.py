@@ -99,6 +99,7 @@ def test_every_method_trains_end_to_end(method, tmp_path):
         "name": "sklearn_digits",
         "source": summary["data_source"],
         "n_train": 256,
+        "fingerprint": summary["data_fingerprint"],
     }
     raw = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(raw) == 7 and {json.loads(r)["kind"] for r in raw} == {"train", "eval"}

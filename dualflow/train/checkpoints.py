@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dualflow.errors import CheckpointError
 
 __all__ = ["MANIFEST", "CheckpointStore", "verify_checkpoint"]
@@ -83,12 +85,48 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {line[:200]}"
 
 
+def _is_resource_error(err: BaseException) -> bool:
+    return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)
+
+
+def _agree_main(value: bool) -> bool:
+    """Process 0's ``value``, on every process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _agree_all(value: bool) -> bool:
+    """True on every process iff ``value`` is true on every process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(value))))
+
+
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 class CheckpointStore:
     """Orbax ``CheckpointManager`` of one pytree item (``state``) plus manifests.
 
     ``directory``: ``<workdir>/checkpoints``; unreadable checkpoints are moved
     to ``<workdir>/checkpoints_unreadable/<step>``.  ``is_main``: only process
-    0 writes manifests and moves folders (all processes verify).
+    0 writes manifests, verifies them and moves folders; the other processes
+    follow its decisions.
     """
 
     def __init__(self, directory: Path, keep: int, is_main: bool = True):
@@ -125,15 +163,30 @@ class CheckpointStore:
         if self.is_main:
             write_manifest(self.directory / str(step))
 
-    def _try_restore(self, step: int, abstract: Any) -> tuple[Any, str | None]:
-        problem = verify_checkpoint(self.directory / str(step))
-        if problem is not None:
-            return None, problem
+    def _verify(self, step: int, manifests_in_use: bool) -> str | None:
+        step_dir = self.directory / str(step)
+        if manifests_in_use and not (step_dir / MANIFEST).exists():
+            return (
+                f"it has no {MANIFEST}: its save was cut short before it was verified"
+            )
+        return verify_checkpoint(step_dir)
+
+    def _try_restore(
+        self, step: int, abstract: Any, manifests_in_use: bool
+    ) -> tuple[Any, str | None]:
+        problem = self._verify(step, manifests_in_use) if self.is_main else None
+        if not _agree_main(problem is None):  # process 0 decides for all
+            return None, problem or "process 0 found it unreadable"
         args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract))
         try:
-            return self._manager.restore(step, args=args)["state"], None
+            state, problem = self._manager.restore(step, args=args)["state"], None
         except Exception as err:  # orbax/tensorstore raise many types
-            return None, _first_line(err)
+            if _is_resource_error(err):
+                raise  # out of memory is not a damaged checkpoint
+            state, problem = None, _first_line(err)
+        if not _agree_all(problem is None):
+            return None, problem or "another process could not restore it"
+        return state, None
 
     def _move_aside(self, step: int) -> Path:
         target = self.quarantine / str(step)
@@ -153,15 +206,22 @@ class CheckpointStore:
         if there is no checkpoint at all.
 
         Newer unreadable checkpoints are reported (one line each, naming the
-        step and the file) and moved aside once an older one restores.  Raises
-        :class:`CheckpointError` when checkpoints exist but none restores.
+        step and the file) and moved aside once an older one restores.  Once
+        any checkpoint has a manifest, one without it is treated as a save
+        cut short (a kill between orbax's rename and the manifest write).
+        With several processes, process 0 verifies and all agree on the step.
+        Raises :class:`CheckpointError` when checkpoints exist but none
+        restores.
         """
         steps = sorted(self.steps(), reverse=True)
         if not steps:
             return None
+        manifests_in_use = any(
+            (self.directory / str(s) / MANIFEST).exists() for s in steps
+        )
         bad: list[tuple[int, str]] = []
         for step in steps:
-            state, problem = self._try_restore(step, abstract)
+            state, problem = self._try_restore(step, abstract, manifests_in_use)
             if problem is None:
                 for b, why in bad:
                     where = self._move_aside(b)
@@ -170,6 +230,7 @@ class CheckpointStore:
                         f" moved to {where}; resuming from step {step}"
                     )
                 if bad:  # the manager cached the moved steps
+                    _barrier("dualflow_checkpoint_fallback")
                     self._manager.close()
                     self._manager = self._make_manager()
                 return state, step
@@ -178,8 +239,8 @@ class CheckpointStore:
         raise CheckpointError(
             f"no checkpoint in {self.directory} can be restored ({listed}).",
             hint=(
-                f"move {self.directory} away (or delete it) to start this run over,"
-                " or pass a new --workdir; nothing was changed"
+                f"move {self.directory.parent} away to start this run over, or pass"
+                " a new --workdir; nothing was changed"
             ),
         )
 

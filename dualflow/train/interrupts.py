@@ -12,8 +12,9 @@ temporary checkpoint folder), so the workdir is never left corrupt, only
 behind by the steps since its last checkpoint.
 
 :func:`inject` is a test hook: ``DUALFLOW_INJECT_FAULT="SIGINT@step:7"``
-(``<signal>[x<count>]@<point>[:<step>]``; points ``step``, ``save``, ``save-write``,
-``eval``, ``compile``; ``group`` in ``scripts/uci.py``) sends the signal to this process at that point, so a
+(``<signal>[x<count>]@<point>[:<step>]``; points ``step``, ``save``,
+``save-write``, ``eval``, ``compile``; ``group`` in ``scripts/uci.py``) sends
+the signal to this process at that point, so a
 test can interrupt a subprocess at an exact moment (``save-write``: while
 orbax is writing checkpoint ``step``'s files; ``compile``: 0.2 s into the
 first train step).  Unset, it costs one dictionary look-up per call.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
+import socket
 import threading
 import time
 from pathlib import Path
@@ -34,11 +35,17 @@ _SIGNALS = ("SIGINT", "SIGTERM")
 
 
 class InterruptGuard:
-    """Context manager: the first SIGINT/SIGTERM sets :attr:`requested`, the
-    second exits the process with code 130 at once.
+    """Context manager: the first SIGINT/SIGTERM sets :attr:`requested`; the
+    same signal again exits the process with code 130 at once.
 
-    Outside the main thread (signal handlers cannot be installed there) it is
-    inert and :attr:`requested` stays ``None``.
+    "At once" holds even while the main thread is inside a long C call (an XLA
+    compilation, a device wait, orbax I/O), where Python-level handlers cannot
+    run: every delivery is also written to a wakeup socket
+    (``signal.set_wakeup_fd``) that a daemon thread watches.  A different
+    signal after the first (a wrapper forwarding SIGINT as SIGTERM) is not a
+    second request.  Signals that were ignored (``SIG_IGN``, e.g. background
+    jobs) stay ignored.  Outside the main thread the guard is inert and
+    :attr:`requested` stays ``None``.
     """
 
     def __init__(self, second_message: str = "", first_notice: str = ""):
@@ -48,27 +55,77 @@ class InterruptGuard:
             "second interrupt: exiting now; the workdir keeps its last checkpoint"
         )
         self._notice = first_notice
+        self._sockets: tuple[socket.socket, socket.socket] | None = None
+        self._old_wakeup = -1
+
+    def _hard_exit(self) -> None:
+        os.write(2, (self._second + "\n").encode())  # no buffered, reentrant I/O
+        os._exit(130)
 
     def _handle(self, signum, frame) -> None:
-        if self.requested is not None:
-            sys.stderr.write(self._second + "\n")
-            sys.stderr.flush()
-            os._exit(130)
-        self.requested = signal.Signals(signum).name
-        if self._notice:  # long units of work: say that the signal was heard
-            sys.stderr.write(f"{self.requested}: {self._notice}\n")
-            sys.stderr.flush()
+        name = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested = name
+            if self._notice:  # long units of work: say that the signal was heard
+                os.write(2, f"{name}: {self._notice}\n".encode())
+        elif name == self.requested and self._sockets is None:
+            self._hard_exit()  # no watcher thread: the handler decides
+
+    def _watch(self, reader: socket.socket) -> None:
+        counts: dict[int, int] = {}
+        wanted = {int(s) for s in self._old}
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            for b in data:
+                if b == 0:  # the guard is closing
+                    return
+                if b in wanted:
+                    counts[b] = counts.get(b, 0) + 1
+                    if counts[b] >= 2:
+                        self._hard_exit()
+            if not data:
+                return
 
     def __enter__(self) -> InterruptGuard:
-        if threading.current_thread() is threading.main_thread():
-            for name in _SIGNALS:
-                sig = getattr(signal, name)
-                self._old[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in _SIGNALS:
+            sig = getattr(signal, name)
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue
+            self._old[sig] = signal.signal(sig, self._handle)
+        if self._old:
+            reader, writer = socket.socketpair()
+            writer.setblocking(False)
+            try:
+                self._old_wakeup = signal.set_wakeup_fd(
+                    writer.fileno(), warn_on_full_buffer=False
+                )
+            except (ValueError, OSError):  # wakeup fd unavailable: handler only
+                reader.close()
+                writer.close()
+            else:
+                self._sockets = (reader, writer)
+                threading.Thread(
+                    target=self._watch, args=(reader,), daemon=True
+                ).start()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._sockets is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            reader, writer = self._sockets
+            self._sockets = None
+            try:
+                writer.send(b"\x00")
+            except OSError:
+                pass
+            writer.close()
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
         self._old.clear()
 
 

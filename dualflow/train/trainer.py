@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -61,6 +62,7 @@ from dualflow.train.input import Normalizer, TrainBatches, prefetch, to_global
 from dualflow.train.interrupts import InterruptGuard, inject
 from dualflow.train.timing import TimingLog
 from dualflow.train.timing import summarize as timing_summary
+from dualflow.train.workdir import WorkdirLock, archive_outputs
 
 __all__ = [
     "TrainState",
@@ -322,6 +324,16 @@ def train_and_evaluate(
         return run.execute(on_step)
 
 
+def _all_finite(state: TrainState) -> jax.Array:
+    """True iff every float leaf of the state is finite (one fused reduction)."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(state)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 class _Run:
     """One invocation of a training run (setup, resume, loop, summary)."""
 
@@ -406,6 +418,7 @@ class _Run:
         )
         self.state = jax.device_put(state, self.replicated)
         self.train_step = self._make_train_step()
+        self._all_finite = jax.jit(_all_finite)
         self.evaluate = _make_evaluator(
             cfg, self.mesh, self.graphdef, self.method, self.likelihood, self.normalizer
         )
@@ -454,56 +467,68 @@ class _Run:
             keep=int(self.cfg.train.keep_checkpoints),
             is_main=self.is_main,
         )
-        start = 0
-        if self.store.steps():
-            _check_same_run(self.workdir / "config.json", self.run_info, self.workdir)
-            abstract = jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                self.state,
-            )
-            report = print if self.is_main else (lambda _msg: None)
-            state, latest = self.store.restore_newest(abstract, report=report)
-            self.state, start = state, int(state.step)
-            self._say(
-                f"dualflow: resumed from {self.store.directory / str(latest)}"
-                f" (step {start})"
-            )
+        if not self.store.steps():
+            return 0
+        _check_same_run(self.workdir / "config.json", self.run_info, self.workdir)
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+            self.state,
+        )
+        report = print if self.is_main else (lambda _msg: None)
+        state, latest = self.store.restore_newest(abstract, report=report)
+        self.state = state
+        start = int(state.step)
+        self._say(
+            f"dualflow: resumed from {self.store.directory / str(latest)}"
+            f" (step {start})"
+        )
         return start
 
     def _say(self, msg: str) -> None:
         if self.is_main:
             print(msg, flush=True)
 
-    def _check_interrupt(self, step: int) -> None:
-        """After SIGINT/SIGTERM: checkpoint ``step`` and raise Interrupted."""
-        if self.guard.requested is None:
-            return
+    def _stop_requested(self, boundary: bool = True) -> bool:
+        """Whether to stop now.  One process: its own SIGINT/SIGTERM flag.
+        Several: the processes agree at step boundaries where they all stop
+        anyway (log/evaluation/checkpoint steps), so all stop at the same
+        step; a host's signal counts for all."""
+        local = self.guard.requested is not None
+        if jax.process_count() == 1:
+            return local
+        if not boundary:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+    def _interrupt(self, step: int) -> None:
+        """Checkpoint ``step`` and raise Interrupted (after SIGINT/SIGTERM)."""
         if step > 0:
             self._save()
         self.timing.finish(step, time.time())
         raise Interrupted(
-            f"interrupted ({self.guard.requested}) at step {step};"
-            " rerun the same command to resume",
-            step,
+            f"interrupted at step {step}; rerun the same command to resume", step
         )
 
     def _save(self) -> None:
         step = int(self.state.step)
         if self.store.latest_step() == step:
             return
-        loss_sum = float(jax.device_get(self.state.metric_sums["loss"]))
-        if not math.isfinite(loss_sum):  # never checkpoint a diverged state
-            self._diverged(step, loss_sum)
+        if not bool(self._all_finite(self.state)):  # never checkpoint divergence
+            sums = jax.device_get(self.state.metric_sums)
+            self._diverged(step, float(sums["loss"]), "parameters or metrics")
         inject("save", step)
         inject("save-write", step, directory=self.store.directory)
         self.store.save(step, self.state)
 
-    def _diverged(self, step: int, value) -> None:
+    def _diverged(self, step: int, value, what: str = "loss") -> None:
         last = self.store.latest_step()
+        detail = "" if what == "loss" else f" (non-finite {what})"
         raise DivergenceError(
-            f"the training loss became {value} by step {step} ({self.method.name});"
-            " lower --config.optimizer.lr or the initial variance"
-            " (--config.model.kwargs.init_var)",
+            f"the training loss became {value} by step {step}{detail}"
+            f" ({self.method.name}); lower --config.optimizer.lr or the initial"
+            " variance (--config.model.kwargs.init_var)",
             hint=(
                 f"the last finite checkpoint (step {last}) is kept"
                 if last is not None
@@ -513,31 +538,48 @@ class _Run:
 
     # ---- the loop ---------------------------------------------------------
     def execute(self, on_step) -> dict:
-        cfg = self.cfg
         self.workdir.mkdir(parents=True, exist_ok=True)
+        tag = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.t_start))
+        self.invocation = f"{tag}-{uuid.uuid4().hex[:8]}"
         self.timing = TimingLog(
             self.workdir / "timing.jsonl",
-            invocation=time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.t_start))
-            + f"-{os.getpid()}",
+            invocation=self.invocation,
             t_start=self.t_start,
             enabled=self.is_main,
         )
+        with WorkdirLock(self.workdir, enabled=self.is_main):
+            if self._stop_requested():  # during setup: nothing to save yet
+                raise Interrupted(
+                    "interrupted before training started; rerun the same command"
+                )
+            try:
+                return self._execute(on_step)
+            finally:
+                self.store.close()
+
+    def _execute(self, on_step) -> dict:
         start = self._resume()
+        log_path = self.workdir / "metrics.jsonl"
         summary_path = self.workdir / "summary.json"
+        self.records = _read_records(log_path, upto=start)
         previous = _read_json(summary_path)
-        if start >= self.total_steps and previous and previous.get("steps") == start:
+        if self._finished(start, previous):
             self._say(f"dualflow: run already finished ({start} steps); {summary_path}")
             return previous  # nothing is recomputed or rewritten
-        self._check_interrupt(start)
+        if self._stop_requested():
+            self._interrupt(start)
+        if start == 0 and self.is_main:  # an attempt that left no checkpoint
+            moved = archive_outputs(self.workdir, self.invocation)
+            if moved is not None:
+                self._say(f"dualflow: no checkpoint; earlier outputs moved to {moved}")
+        elif previous is not None and self.is_main:  # from before a fallback
+            os.replace(summary_path, self.workdir / "summary.superseded.json")
         if self.is_main:
             write_json_atomic(
                 self.workdir / "config.json",
                 {**self.run_info, "commit": git_commit(_REPO)},
                 indent=2,
             )
-        log_path = self.workdir / "metrics.jsonl"
-        self.records = _read_records(log_path, upto=start)
-        if self.is_main:
             write_text_atomic(
                 log_path, "".join(json.dumps(r) + "\n" for r in self.records)
             )
@@ -547,16 +589,31 @@ class _Run:
             initial=start,
             unit="step",
             desc=f"{self.method.name}",
-            disable=not (cfg.train.progress and self.is_main),
+            disable=not (self.cfg.train.progress and self.is_main),
             dynamic_ncols=True,
         )
         self.last_eval: dict = {}
-        if start > 0 and self._eval_due(start) and not self._has_eval(start):
-            self._evaluate(start, bar, log_path)  # one cut short by an interrupt
-            self._check_interrupt(start)
-        self._train(start, bar, log_path, on_step)
-        bar.close()
+        try:
+            if start > 0 and self._eval_due(start) and not self._has_eval(start):
+                self._evaluate(start, bar, log_path)  # one cut short by an interrupt
+                if self._stop_requested():
+                    self._interrupt(start)
+            self._train(start, bar, log_path, on_step)
+        finally:
+            bar.close()
         return self._finish(previous)
+
+    def _finished(self, start: int, previous: dict | None) -> bool:
+        """A finished run whose summary matches its checkpoint, log and config
+        (a changed evaluation setting re-evaluates instead)."""
+        if start < self.total_steps or not previous:
+            return False
+        old = _read_json(self.workdir / "config.json") or {}
+        return (
+            previous.get("steps") == start
+            and self._has_eval(start)
+            and old.get("config") == self.run_info["config"]
+        )
 
     def _announce(self) -> None:
         cfg, data, method = self.cfg, self.data, self.method
@@ -598,7 +655,7 @@ class _Run:
             log_now = done % self.log_every == 0 or done == self.total_steps
             eval_now = self._eval_due(done)
             ckpt_now = done % self.ckpt_every == 0 or done == self.total_steps
-            stop = self.guard.requested is not None
+            stop = self._stop_requested(boundary=log_now or eval_now or ckpt_now)
             if log_now or eval_now or ckpt_now or stop:
                 jax.block_until_ready(self.state)
                 window_time += time.time() - t_mark
@@ -611,7 +668,8 @@ class _Run:
                 self._evaluate(done, bar, log_path)
             if ckpt_now:
                 self._save()
-            self._check_interrupt(done)
+            if stop or (self.guard.requested and jax.process_count() == 1):
+                self._interrupt(done)  # a signal during the evaluation or save
             if log_now or eval_now or ckpt_now:
                 t_mark = time.time()
             if on_step is not None:
@@ -632,6 +690,8 @@ class _Run:
         }
         if not math.isfinite(rec["loss"]):
             self._diverged(done, rec["loss"])
+        if not math.isfinite(rec["grad_norm"]):
+            self._diverged(done, rec["loss"], "gradients")
         self.state = self.state._replace(
             metric_sums=jax.device_put(
                 jax.tree.map(jnp.zeros_like, self.state.metric_sums), self.replicated
@@ -647,7 +707,7 @@ class _Run:
             self.state,
             self.data.x_test,
             self.data.y_test,
-            should_stop=lambda: self.guard.requested is not None,
+            should_stop=lambda: self._stop_requested(boundary=False),
         )
         if result is None:  # interrupted: evaluated again on resume
             return
