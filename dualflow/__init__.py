@@ -18,10 +18,14 @@ Public layout:
   dualflow.vi             Monte Carlo ELBO terms of any variational method
   dualflow.propagation    propagate(fn): any JAX function -> its moment-propagating
                           version (jaxpr transform); register_rule
+  dualflow.errors         user-facing errors (ConfigError, DataError, CheckpointError,
+                          DivergenceError, Interrupted); dualflow.cli prints them
+                          as one ``error:`` line (exit 2) in scripts
 """
 
 from dualflow import (
     chain,
+    errors,
     metrics,
     models,
     moments,
@@ -65,6 +69,7 @@ __all__ = [
     "as_gaussian",
     "chain",
     "debug_checks_enabled",
+    "errors",
     "from_equinox",
     "from_function",
     "from_linen",
