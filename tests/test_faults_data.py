@@ -565,13 +565,24 @@ def run_script(*args, data_dir: Path, cache: Path, timeout=300, **extra_env):
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
     )
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "uci.py"), *args],
+        [*WITH_DEFAULT_SIGNALS, str(ROOT / "scripts" / "uci.py"), *args],
         capture_output=True,
         text=True,
         env=env,
         cwd=ROOT,
         timeout=timeout,
     )
+
+
+# a background job's children (CI) inherit an ignored SIGINT, which the scripts
+# keep ignored: start with the defaults a terminal's foreground job has
+WITH_DEFAULT_SIGNALS = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL);"
+    " signal.signal(signal.SIGTERM, signal.SIG_DFL);"
+    " os.execv(sys.executable, [sys.executable, *sys.argv[1:]])",
+]
 
 
 def error_line(res) -> str:

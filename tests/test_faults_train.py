@@ -53,12 +53,24 @@ ARGS = [
 ]
 
 
+# Children of a background job (CI) inherit an ignored SIGINT, which the
+# trainer rightly keeps ignored: start the script with the default handlers a
+# terminal's foreground job has (no preexec_fn: this process has threads).
+WITH_DEFAULT_SIGNALS = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL);"
+    " signal.signal(signal.SIGTERM, signal.SIG_DFL);"
+    " os.execv(sys.executable, [sys.executable, *sys.argv[1:]])",
+]
+
+
 def run_train(workdir, fault: str = "", extra=(), timeout=240):
     env = dict(os.environ)
     env.pop("DUALFLOW_INJECT_FAULT", None)
     if fault:
         env["DUALFLOW_INJECT_FAULT"] = fault
-    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), *ARGS, *extra]
+    cmd = [*WITH_DEFAULT_SIGNALS, str(REPO / "scripts" / "train.py"), *ARGS, *extra]
     return subprocess.run(
         [*cmd, f"--workdir={workdir}"],
         capture_output=True,
