@@ -16,12 +16,12 @@ import pickle
 import shutil
 import struct
 import subprocess
-import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from signals import WITH_DEFAULT_SIGNALS
 
 from dualflow.data import DataError, DataNotFoundError, load_image_dataset, load_uci
 from dualflow.data import images as images_mod
@@ -572,17 +572,6 @@ def run_script(*args, data_dir: Path, cache: Path, timeout=300, **extra_env):
         cwd=ROOT,
         timeout=timeout,
     )
-
-
-# a background job's children (CI) inherit an ignored SIGINT, which the scripts
-# keep ignored: start with the defaults a terminal's foreground job has
-WITH_DEFAULT_SIGNALS = [
-    sys.executable,
-    "-c",
-    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL);"
-    " signal.signal(signal.SIGTERM, signal.SIG_DFL);"
-    " os.execv(sys.executable, [sys.executable, *sys.argv[1:]])",
-]
 
 
 def error_line(res) -> str:

@@ -33,6 +33,7 @@ from dualflow.train.trainer import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from signals import WITH_DEFAULT_SIGNALS  # noqa: E402
 from test_train import tiny_config  # noqa: E402
 
 STEPS = 40
@@ -50,18 +51,6 @@ ARGS = [
     "--config.augment.crop_pad=1",
     "--config.augment.mixup_alpha=0.4",
     "--config.model.kwargs.widths=(32,)",
-]
-
-
-# Children of a background job (CI) inherit an ignored SIGINT, which the
-# trainer rightly keeps ignored: start the script with the default handlers a
-# terminal's foreground job has (no preexec_fn: this process has threads).
-WITH_DEFAULT_SIGNALS = [
-    sys.executable,
-    "-c",
-    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL);"
-    " signal.signal(signal.SIGTERM, signal.SIG_DFL);"
-    " os.execv(sys.executable, [sys.executable, *sys.argv[1:]])",
 ]
 
 
