@@ -40,6 +40,7 @@ __all__ = [
     "diverged",
     "fail",
     "parse_list",
+    "quick_defaults",
     "run",
     "run_plain",
 ]
@@ -256,3 +257,15 @@ def parse_list(
             )
             fail(f"--{flag}: {v!r} is not {what}")
     return out
+
+
+def quick_defaults(flag_values: Any, values: dict[str, Any]) -> list[str]:
+    """Apply a script's ``--quick`` settings to the flags the user did not
+    give: explicit flags win.  Returns the names that were kept as given."""
+    kept = []
+    for name, value in values.items():
+        if flag_values[name].present:
+            kept.append(name)
+        else:
+            setattr(flag_values, name, value)
+    return kept

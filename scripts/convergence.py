@@ -485,12 +485,17 @@ def main(argv: list[str]) -> None:
     command = "python " + " ".join(sys.argv)
     if F.quick and F.out == flags.FLAGS["out"].default:
         F.out = "results/tmp/convergence_quick"  # never overwrites a full run
-    if F.quick:
-        F.widths = ["32"]
-        F.epochs = 2
-        F.eval_every = 5
-        F.eval_samples = 4
-        F.wall_budget = F.wall_budget or 1e-9  # no budget filling in tests
+    if F.quick:  # explicit flags win over the quick settings
+        cli.quick_defaults(
+            F,
+            {
+                "widths": ["32"],
+                "epochs": 2,
+                "eval_every": 5,
+                "eval_samples": 4,
+                "wall_budget": F.wall_budget or 1e-9,  # no budget filling in tests
+            },
+        )
     if F.resummarise:
         return resummarise(F, command)
     methods = cli.parse_list(F.methods, "methods", choices=METHODS)

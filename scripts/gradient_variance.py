@@ -515,16 +515,20 @@ def main(argv: list[str]) -> None:
     command = "python " + " ".join(sys.argv)
     if F.quick and F.out == flags.FLAGS["out"].default:
         F.out = "results/tmp/gradient_variance_quick"  # never mixed with full runs
-    if F.quick:
-        F.dense_widths = ["32", "32"]
-        F.batch_sizes = ["8", "64"]
-        F.init_vars = F.init_vars[:1]
-        F.num_batches = 16
-        F.num_samples = 2
-        F.warm_epochs = 1
-        F.max_train = F.max_train or 1000
-        if "vgg16" in F.models:
-            F.models = [m for m in F.models if m != "vgg16"] or ["dense"]
+    if F.quick:  # explicit flags win over the quick settings
+        cli.quick_defaults(
+            F,
+            {
+                "dense_widths": ["32", "32"],
+                "batch_sizes": ["8", "64"],
+                "init_vars": F.init_vars[:1],
+                "num_batches": 16,
+                "num_samples": 2,
+                "warm_epochs": 1,
+                "max_train": F.max_train or 1000,
+                "models": [m for m in F.models if m != "vgg16"] or ["dense"],
+            },
+        )
     _check_flags(F)
     os.makedirs(F.out, exist_ok=True)
     t0 = time.time()

@@ -349,10 +349,19 @@ def main(argv: list[str]) -> None:
     from dualflow.benchmarks.studies import fixed_subset
     from dualflow.io import git_commit, write_json_atomic, write_text_atomic
 
-    if F.quick:
-        F.iterations, F.eval_every, F.hidden = 12, 6, 64
-        F.eval_samples, F.eval_size, F.val_size = 4, 200, 500
-        F.ng_lrs = ["300"]
+    if F.quick:  # explicit flags win over the quick settings
+        cli.quick_defaults(
+            F,
+            {
+                "iterations": 12,
+                "eval_every": 6,
+                "hidden": 64,
+                "eval_samples": 4,
+                "eval_size": 200,
+                "val_size": 500,
+                "ng_lrs": ["300"],
+            },
+        )
     if F.quick and F.out_dir == flags.FLAGS["out_dir"].default:
         F.out_dir = "results/tmp/mnist_vi_quick"  # never overwrites a full run
     lrs = cli.parse_list(F.ng_lrs, "ng_lrs", type=float)

@@ -261,9 +261,11 @@ def main(argv: list[str]) -> None:
     from dualflow import nn as dnn
     from dualflow.io import git_commit, write_json_atomic, write_text_atomic
 
-    if F.quick:
-        F.iterations, F.samples, F.n_test = 200, 32, 200
-        F.betas = ["1", "0.0001"]
+    if F.quick:  # explicit flags win over the quick settings
+        cli.quick_defaults(
+            F,
+            {"iterations": 200, "samples": 32, "n_test": 200, "betas": ["1", "0.0001"]},
+        )
     if F.quick and F.out_dir == flags.FLAGS["out_dir"].default:
         F.out_dir = "results/tmp/sine_vi_quick"  # never overwrites a full run
     betas = cli.parse_list(F.betas, "betas", type=float)

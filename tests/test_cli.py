@@ -340,3 +340,17 @@ def test_bad_values_are_one_error_line(script, args, error, tmp_path):
     if "lrr" in args[0]:
         assert lines[1:] == ["hint: did you mean 'lr'?"]
     assert not list(tmp_path.iterdir())
+
+
+def test_quick_defaults_leave_explicit_flags_alone():
+    """--quick fills in what the user did not give; explicit flags win."""
+    from absl import flags as absl_flags
+
+    fv = absl_flags.FlagValues()
+    absl_flags.DEFINE_integer("epochs", 100, "", flag_values=fv)
+    absl_flags.DEFINE_list("widths", ["512"], "", flag_values=fv)
+    absl_flags.DEFINE_integer("eval_every", 50, "", flag_values=fv)
+    fv(["prog", "--epochs=7"])
+    kept = cli.quick_defaults(fv, {"epochs": 2, "widths": ["32"], "eval_every": 5})
+    assert kept == ["epochs"]
+    assert (fv.epochs, fv.widths, fv.eval_every) == (7, ["32"], 5)
