@@ -9,7 +9,13 @@ import subprocess
 import tempfile
 from typing import Any
 
-__all__ = ["git_commit", "write_json_atomic", "write_text_atomic"]
+__all__ = [
+    "append_jsonl",
+    "git_commit",
+    "read_jsonl",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -41,6 +47,27 @@ def write_json_atomic(
     write_text_atomic(
         path, json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii) + "\n"
     )
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append ``record`` as one JSON line (a kill can cut only this line)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file (``[]`` if it does not exist); a line
+    cut by a kill mid-append is skipped."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
 
 
 def git_commit(repo_dir: str | os.PathLike) -> str:

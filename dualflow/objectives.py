@@ -233,11 +233,19 @@ def kl_mean_field(
     q_var: Array,
     prior_mean: Array | float = 0.0,
     prior_var: Array | float = 1.0,
+    *,
+    q_logvar: Array | None = None,
 ) -> Array:
-    """``KL(N(q_mean, q_var) || N(prior_mean, prior_var))`` summed over entries."""
+    """``KL(N(q_mean, q_var) || N(prior_mean, prior_var))`` summed over entries.
+
+    ``q_logvar``: ``log q_var`` when the caller holds it (log-variance
+    parameters); used instead of ``log(q_var)``, which is ``-inf`` with a NaN
+    gradient once ``exp(logvar)`` underflows to 0.
+    """
     pv = jnp.asarray(prior_var, q_var.dtype)
     pm = jnp.asarray(prior_mean, q_mean.dtype)
-    kl = 0.5 * (jnp.log(pv) - jnp.log(q_var) + (q_var + (q_mean - pm) ** 2) / pv - 1)
+    log_q = jnp.log(q_var) if q_logvar is None else q_logvar
+    kl = 0.5 * (jnp.log(pv) - log_q + (q_var + (q_mean - pm) ** 2) / pv - 1)
     return jnp.sum(kl)
 
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.scipy.special import ndtr
 
-from dualflow import moments
+from dualflow import moments, objectives
 from dualflow.gaussian import Gaussian
 from dualflow.nn import ops
 from dualflow.nn.context import Context
@@ -164,8 +164,9 @@ class BayesianModule(nnx.Module):
     def kl(self) -> Array:
         """``KL(q || prior)`` summed over this layer's Bayesian tensors.
 
-        The ``log q_var`` term is ``logvar`` itself (not ``log(exp(logvar))``,
-        which is ``-inf`` with a NaN gradient once ``exp`` underflows).
+        The ``log q_var`` term is ``logvar`` itself (``q_logvar``), not
+        ``log(exp(logvar))``, which is ``-inf`` with a NaN gradient once
+        ``exp`` underflows.
         """
         total = jnp.zeros(())
         for name in self._bayesian_names:
@@ -175,10 +176,7 @@ class BayesianModule(nnx.Module):
             pv = dict(self._priors)[name]
             if pv == "empirical_bayes":
                 pv = jax.lax.stop_gradient(jnp.mean(m * m + v))  # optimum: grad 0
-            pv = jnp.asarray(pv, v.dtype)
-            # objectives.kl_mean_field(m, v, 0, pv) with log(v) -> lv
-            kl = 0.5 * (jnp.log(pv) - lv + (v + m * m) / pv - 1.0)
-            total = total + jnp.sum(kl)
+            total = total + objectives.kl_mean_field(m, v, 0.0, pv, q_logvar=lv)
         return total
 
 

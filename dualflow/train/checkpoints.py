@@ -21,7 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dualflow.errors import CheckpointError
 
@@ -91,32 +93,20 @@ def _is_resource_error(err: BaseException) -> bool:
 
 def _agree_main(value: bool) -> bool:
     """Process 0's ``value``, on every process."""
-    import jax
-
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
-
     return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def _agree_all(value: bool) -> bool:
     """True on every process iff ``value`` is true on every process."""
-    import jax
-
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
-
     return bool(np.all(multihost_utils.process_allgather(np.int32(value))))
 
 
 def _barrier(name: str) -> None:
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 

@@ -13,9 +13,10 @@ windows if there are no others), wall seconds = sum over invocations.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
+
+from dualflow.io import append_jsonl, read_jsonl
 
 __all__ = ["TimingLog", "summarize"]
 
@@ -42,34 +43,20 @@ class TimingLog:
             "wall": float(now - self.t_start),
         }
         self._first = False
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_jsonl(self.path, rec)
 
     def finish(self, step: int, now: float) -> None:
         """Record the invocation's final wall time (no training window)."""
         if self.enabled:
-            with open(self.path, "a") as f:
-                rec = {"invocation": self.invocation, "step": int(step), "steps": 0}
-                f.write(json.dumps({**rec, "wall": float(now - self.t_start)}) + "\n")
-
-
-def _read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-    return out
+            rec = {"invocation": self.invocation, "step": int(step), "steps": 0}
+            append_jsonl(self.path, {**rec, "wall": float(now - self.t_start)})
 
 
 def summarize(path: Path) -> dict:
     """``seconds_per_step`` (None if nothing was trained), ``train_seconds``,
     ``steps_run`` (updates executed, including ones redone after a kill),
     ``wall_seconds`` (summed over invocations) and ``invocations``."""
-    recs = _read(path)
+    recs = read_jsonl(path)
     windows = [r for r in recs if r.get("steps", 0) > 0]
     steady = [r for r in windows if not r.get("first")] or windows
     per_step = [r["seconds"] / r["steps"] for r in steady]

@@ -50,7 +50,13 @@ from dualflow.data import (
 )
 from dualflow.data.augment import AugmentConfig
 from dualflow.errors import CheckpointError, DivergenceError, Interrupted
-from dualflow.io import git_commit, write_json_atomic, write_text_atomic
+from dualflow.io import (
+    append_jsonl,
+    git_commit,
+    read_jsonl,
+    write_json_atomic,
+    write_text_atomic,
+)
 from dualflow.models import build_model
 from dualflow.nn.context import Method
 from dualflow.nn.methods import Likelihood, make_ensemble, predict
@@ -889,23 +895,12 @@ def _make_evaluator(cfg, mesh, graphdef, method, likelihood, normalizer):
 
 def _read_records(path: Path, upto: int) -> list[dict]:
     """Records of an earlier run up to step ``upto`` (later ones are replayed)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-        if rec.get("step", 0) <= upto:
-            out.append(rec)
-    return out
+    return [r for r in read_jsonl(path) if r.get("step", 0) <= upto]
 
 
 def _append(path: Path, rec: dict, is_main: bool) -> None:
     if is_main:
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_jsonl(path, rec)
 
 
 def _title(s: dict) -> str:
