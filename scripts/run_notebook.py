@@ -1,22 +1,20 @@
-"""Execute a notebook's code cells in-process and store their outputs in it.
+"""Execute notebooks headless (nbclient + ipykernel) and keep their outputs.
 
-    python scripts/run_notebook.py notebooks/duality_tour.ipynb
+    python scripts/run_notebook.py notebooks/quickstart.ipynb   # full size, rewrite
+    python scripts/run_notebook.py --all --small                # SMALL=1 check of all
 
-No Jupyter needed: cells run in one namespace with matplotlib's Agg backend;
-printed text becomes a stream output and every open figure a PNG output.  The
-file is rewritten atomically, and only if every cell succeeded.
+A full-size run rewrites the notebook with its outputs (atomically, and only if
+every cell succeeded and the result passes ``dualflow.notebooks.problems``: no
+error output, no absolute path, counts in order, the install cell unchanged).
+``--small`` sets ``SMALL=1`` and leaves the file untouched unless ``--write``
+is given (for a notebook that says it has not been run at full size here).
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import io
-import json
 import os
 import pathlib
 import sys
-import traceback
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # allow running from a checkout without installing
@@ -25,60 +23,10 @@ if _REPO not in sys.path:  # allow running from a checkout without installing
 from dualflow import cli  # noqa: E402
 
 
-def execute(nb: dict, *, capture_figures: bool = True) -> dict:
-    """Run ``nb``'s code cells in order; return a copy with outputs filled in."""
-    import matplotlib
+def _check_readable(path: pathlib.Path) -> None:
+    """A missing or malformed notebook is one error line."""
+    import json
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    namespace: dict = {"__name__": "__main__"}
-    out = json.loads(json.dumps(nb))
-    count = 0
-    for cell in out["cells"]:
-        if cell["cell_type"] != "code":
-            continue
-        count += 1
-        src = "".join(cell["source"])
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            try:
-                exec(compile(src, f"<cell {count}>", "exec"), namespace)  # noqa: S102
-            except Exception as e:  # report which cell failed, then re-raise
-                tb = traceback.format_exc()
-                raise RuntimeError(f"cell {count} failed:\n{src}\n\n{tb}") from e
-        outputs = []
-        if buf.getvalue():
-            outputs.append(
-                {
-                    "name": "stdout",
-                    "output_type": "stream",
-                    "text": buf.getvalue().splitlines(keepends=True),
-                }
-            )
-        for num in plt.get_fignums():
-            fig = plt.figure(num)
-            if capture_figures:
-                png = io.BytesIO()
-                fig.savefig(png, format="png", dpi=80, bbox_inches="tight")
-                outputs.append(
-                    {
-                        "data": {
-                            "image/png": base64.b64encode(png.getvalue()).decode(),
-                            "text/plain": ["<Figure>"],
-                        },
-                        "metadata": {},
-                        "output_type": "display_data",
-                    }
-                )
-            plt.close(fig)
-        cell["outputs"] = outputs
-        cell["execution_count"] = count
-    return out
-
-
-def _read_notebook(path: pathlib.Path) -> dict:
-    """The notebook's JSON; a missing or malformed file is one error line."""
     try:
         nb = json.loads(path.read_text())
     except FileNotFoundError:
@@ -89,21 +37,58 @@ def _read_notebook(path: pathlib.Path) -> dict:
         cli.fail(f"{path} is not a notebook (invalid JSON: {err})")
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
         cli.fail(f"{path} is not a notebook (no 'cells' list)")
-    return nb
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Execute the notebook named on the command line and rewrite it."""
+    """Run the notebooks named on the command line (or ``--all``)."""
     ap = cli.argument_parser(description=__doc__.splitlines()[0])
-    ap.add_argument("notebook", type=pathlib.Path)
+    ap.add_argument("notebooks", type=pathlib.Path, nargs="*")
+    ap.add_argument("--all", action="store_true", help="every notebooks/*.ipynb")
+    ap.add_argument("--small", action="store_true", help="SMALL=1 (seconds on CPU)")
+    ap.add_argument("--write", action="store_true", help="with --small: keep outputs")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per cell")
     args = ap.parse_args(argv)
-    nb = _read_notebook(args.notebook)
-    done = execute(nb)
-    from dualflow.io import write_json_atomic
+    if args.write and not args.small:
+        ap.error("--write only applies to --small (a full-size run always writes)")
+    from dualflow import notebooks
 
-    write_json_atomic(args.notebook, done, indent=1, ensure_ascii=False)
-    print(f"executed {args.notebook}")
+    paths = list(args.notebooks) + (notebooks.notebook_paths() if args.all else [])
+    if not paths:
+        ap.error("name at least one notebook, or pass --all")
+    for path in paths:
+        _check_readable(path)
+    for path in paths:
+        _run_one(
+            path,
+            small=args.small,
+            write=args.write or not args.small,
+            timeout=args.timeout,
+        )
     return 0
+
+
+def _run_one(path: pathlib.Path, *, small: bool, write: bool, timeout) -> None:
+    import nbformat
+
+    from dualflow import notebooks
+    from dualflow.io import write_text_atomic
+
+    print(f"{path.name}: running ({'SMALL' if small else 'full size'}) ...", flush=True)
+    try:
+        nb = notebooks.execute(path, small=small, timeout=timeout)
+    except notebooks.NotebookError as err:
+        print(str(err), file=sys.stderr)
+        cli.fail(
+            f"{path.name}: a cell failed; the file is unchanged",
+            "the cell and its traceback are printed above",
+        )
+    found = notebooks.problems(nb, require_full_size=write)
+    if found:
+        cli.fail(f"{path.name}: {'; '.join(found)}; the file is unchanged")
+    if write:
+        write_text_atomic(path, nbformat.writes(nb) + "\n")
+    seconds = nb.metadata["dualflow"]["seconds"]
+    print(f"{path.name}: ok in {seconds:.0f} s{' (outputs written)' if write else ''}")
 
 
 if __name__ == "__main__":

@@ -240,7 +240,12 @@ def _load_script(name: str):
         ("bench_bp.py", ["--activation=foo"], "argument --activation: invalid choice"),
         ("bench_models.py", ["--models=resnet99"], "--models: unknown 'resnet99'"),
         ("bench_propagate.py", ["--modes=foo"], "--modes: unknown 'foo'; choose from"),
-        ("run_notebook.py", ["a.ipynb", "b.ipynb"], "unrecognized arguments: b.ipynb"),
+        (
+            "run_notebook.py",
+            ["--write", "a.ipynb"],
+            "--write only applies to --small",
+        ),
+        ("run_notebook.py", [], "name at least one notebook, or pass --all"),
     ],
 )
 def test_argparse_scripts_reject_bad_values_in_process(script, argv, error, capsys):
