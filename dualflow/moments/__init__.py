@@ -34,7 +34,13 @@ from dualflow.moments.combine import (
     scale,
     transpose,
 )
-from dualflow.moments.linear import bilinear_moments, conv, dense
+from dualflow.moments.linear import (
+    PRECISIONS,
+    bilinear_moments,
+    canonical_precision,
+    conv,
+    dense,
+)
 from dualflow.moments.pooling import avg_pool, global_avg_pool, max_pool
 from dualflow.moments.recurrent import indrnn, kalman_update, simple_rnn
 
@@ -42,11 +48,13 @@ __all__ = [
     "ACTIVATIONS",
     "BACKWARDS",
     "MODES",
+    "PRECISIONS",
     "activation",
     "add",
     "avg_pool",
     "bernoulli_dropout",
     "bilinear_moments",
+    "canonical_precision",
     "concatenate",
     "conv",
     "dense",

@@ -131,11 +131,10 @@ def resize(
     h_out, w_out = (int(s) for s in size)
     rh = _resize_matrix(h_out, x.shape[1], method, x.dtype)
     rw = _resize_matrix(w_out, x.shape[2], method, x.dtype)
-    hi = jax.lax.Precision.HIGHEST
-    mean = jnp.einsum("ph,nhwc,qw->npqc", rh, x.mean, rw, precision=hi)
+    mean = jnp.einsum("ph,nhwc,qw->npqc", rh, x.mean, rw)
     if point:
         return Gaussian(mean, jnp.zeros_like(mean))
-    var = jnp.einsum("ph,nhwc,qw->npqc", rh * rh, x.var, rw * rw, precision=hi)
+    var = jnp.einsum("ph,nhwc,qw->npqc", rh * rh, x.var, rw * rw)
     return Gaussian(mean, var)
 
 

@@ -43,7 +43,7 @@ from dualflow.moments._backward import check_backward
 
 Array = jax.Array
 
-__all__ = ["conv", "dense", "bilinear_moments"]
+__all__ = ["PRECISIONS", "bilinear_moments", "canonical_precision", "conv", "dense"]
 
 
 # --------------------------------------------------------------------------
@@ -156,8 +156,41 @@ def _add_bias(y: Gaussian, b_mean, b_var) -> Gaussian:
 # --------------------------------------------------------------------------
 # dense
 # --------------------------------------------------------------------------
-def _matmul(x, w):
-    return jnp.matmul(x, w, precision=lax.Precision.HIGHEST)
+PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+
+
+def canonical_precision(
+    precision: str | lax.Precision | None, where: str = "precision"
+) -> lax.Precision | None:
+    """``None`` (JAX's default) or a ``lax.Precision`` for the moment products.
+
+    ``None`` follows ``jax.default_matmul_precision`` (on GPUs and TPUs that
+    allows the fast TF32 / bf16 tensor-core paths for float32 operands; CPUs
+    compute float32 products exactly either way).  Strings are JAX's names:
+    ``"highest"``/``"float32"``, ``"high"``/``"tensorfloat32"``,
+    ``"default"``/``"bfloat16"``.  float64 products are exact at any setting.
+    """
+    if precision is None or isinstance(precision, lax.Precision):
+        return precision
+    if isinstance(precision, str) and precision.lower() in PRECISIONS:
+        return lax.Precision(precision.lower())
+    raise ValueError(
+        f"{where}: precision {precision!r} is not None, a jax.lax.Precision or one"
+        f" of {', '.join(PRECISIONS)}."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Matmul:
+    """Hashable ``jnp.matmul`` at a fixed precision (a static BP-rule argument)."""
+
+    precision: lax.Precision | None = None
+
+    def __call__(self, x, w):
+        return jnp.matmul(x, w, precision=self.precision)
+
+
+_matmul = _Matmul()  # JAX's default precision
 
 
 def dense(
@@ -168,6 +201,7 @@ def dense(
     b_var: Array | None = None,
     *,
     backward: str = "bp",
+    precision: str | lax.Precision | None = None,
 ) -> Gaussian:
     """Dense layer with mean-field Gaussian weights.
 
@@ -177,6 +211,8 @@ def dense(
         keep a trained variance positive by construction, e.g. ``exp(logvar)``).
       b_mean, b_var: optional bias moments ``[d_out]``.
       backward: ``"bp"``, ``"bp_fixed_noise"`` or ``"autodiff"`` (module doc).
+      precision: of the three products (see :func:`canonical_precision`);
+        ``None`` follows ``jax.default_matmul_precision``.
 
     Returns:
       `Gaussian` ``[..., d_out]`` with ``mean = x̂ mu + b`` and
@@ -196,7 +232,8 @@ def dense(
             f" {w_mean.shape} (expected [..., {w_mean.shape[0]}])."
         )
     check_weights("dense", w_mean, w_var, b_mean, b_var)
-    y = bilinear_moments(_matmul, x, w_mean, w_var, backward=backward, where=None)
+    op = _Matmul(canonical_precision(precision, "dense"))
+    y = bilinear_moments(op, x, w_mean, w_var, backward=backward, where=None)
     return _add_bias(y, b_mean, b_var)
 
 
@@ -213,6 +250,7 @@ class _ConvOp:
     rhs_dilation: tuple[int, ...] | None
     dimension_numbers: Any
     feature_group_count: int
+    precision: lax.Precision | None = None
 
     def __call__(self, x, w):
         return lax.conv_general_dilated(
@@ -224,7 +262,7 @@ class _ConvOp:
             rhs_dilation=self.rhs_dilation,
             dimension_numbers=self.dimension_numbers,
             feature_group_count=self.feature_group_count,
-            precision=lax.Precision.HIGHEST,
+            precision=self.precision,
         )
 
 
@@ -251,6 +289,7 @@ def conv(
     feature_group_count: int = 1,
     dimension_numbers: Any = None,
     backward: str = "bp",
+    precision: str | lax.Precision | None = None,
 ) -> Gaussian:
     """N-D convolution with mean-field Gaussian kernels (channels-last by default).
 
@@ -262,6 +301,7 @@ def conv(
       strides, padding, input_dilation, kernel_dilation, feature_group_count,
       dimension_numbers: as in ``lax.conv_general_dilated``.
       backward: see module doc.
+      precision: of the products, as in :func:`dense`.
 
     Returns:
       `Gaussian` output; same rule as :func:`dense` applied per receptive field
@@ -303,6 +343,7 @@ def conv(
         else _tuple(kernel_dilation, nsp, "kernel_dilation"),
         dimension_numbers=dimension_numbers,
         feature_group_count=int(feature_group_count),
+        precision=canonical_precision(precision, "conv"),
     )
     check_weights("conv", w_mean, w_var, b_mean, b_var)
     y = bilinear_moments(op, x, w_mean, w_var, backward=backward, where=None)

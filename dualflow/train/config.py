@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.dataset = "mnist"
     c.data_dir = ""  # "" -> $DUALFLOW_DATA_DIR
+    # float32 matmul/conv precision of every product (jax.default_matmul_precision):
+    # "" keeps JAX's default (fast TF32/bf16 paths on GPU/TPU), "highest" = full fp32
+    c.precision = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.fallback = ""  # dataset to use when `dataset` is not found ("" = fail)
@@ -294,8 +297,11 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     """
     from dualflow.data.info import IMAGE_DATASETS
     from dualflow.models import MODELS
+    from dualflow.moments.linear import PRECISIONS
 
     _choice(cfg, "method.name", METHODS)
+    if cfg.get("precision", ""):
+        _choice(cfg, "precision", PRECISIONS)
     _choice(cfg, "method.member", [m for m in METHODS if m != "ensemble"])
     _choice(cfg, "method.mode", ("linearized", "matched"))
     _choice(cfg, "method.backward", ("bp", "autodiff", "bp_fixed_noise"))

@@ -26,6 +26,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -86,6 +87,7 @@ _REPO = Path(__file__).resolve().parents[2]  # for the commit hash in outputs
 # fields that may change between a run and its resumption
 _RESUMABLE_CHANGES = (
     "data_dir",
+    "precision",  # speed vs float32 accuracy of the products, like the mesh
     "mesh",
     "train.progress",
     "train.plot",
@@ -326,8 +328,10 @@ def train_and_evaluate(
     """
     t_start = time.time()
     with InterruptGuard() as guard:
-        run = _Run(cfg, workdir, t_start, guard)
-        return run.execute(on_step)
+        run = _Run(cfg, workdir, t_start, guard)  # validates cfg.precision too
+        precision = cfg.get("precision", "")
+        with jax.default_matmul_precision(precision) if precision else nullcontext():
+            return run.execute(on_step)
 
 
 def _all_finite(state: TrainState) -> jax.Array:
