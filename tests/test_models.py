@@ -64,6 +64,26 @@ def test_known_exact_counts():
     )
 
 
+def test_generic_wrn_takes_depth_and_width():
+    def det(**kw):
+        m = nnx.eval_shape(
+            lambda: models.build_model(
+                "wrn", num_classes=100, input_shape=(32, 32, 3), rngs=nnx.Rngs(0), **kw
+            )
+        )
+        return models.count_params(m)["deterministic"]
+
+    wrn28_10 = nnx.eval_shape(
+        lambda: models.build_model(
+            "wrn28_10", num_classes=100, input_shape=(32, 32, 3), rngs=nnx.Rngs(0)
+        )
+    )
+    assert det(depth=28, width=10) == models.count_params(wrn28_10)["deterministic"]
+    assert det(depth=10, width=1) < det(depth=16, width=1) < det(depth=16, width=2)
+    with pytest.raises(ValueError, match="6n\\+4"):
+        det(depth=12, width=1)
+
+
 def test_all_registered_models_build_abstractly_at_cifar_shape():
     for name in models.MODELS:
         for norm in (None, models.default_norm(name)):

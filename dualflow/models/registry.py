@@ -14,7 +14,7 @@ from dualflow.models.mixer import mixer_s
 from dualflow.models.mlp import ImageMLP
 from dualflow.models.resnet import resnet18, resnet20, resnet32, resnet56
 from dualflow.models.vgg import vgg16
-from dualflow.models.wrn import wrn28_10
+from dualflow.models.wrn import wide_resnet, wrn28_10
 
 __all__ = [
     "MODELS",
@@ -61,6 +61,7 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "resnet56": _conv_family(resnet56),
     "resnet18": _conv_family(resnet18),
     "wrn28_10": _conv_family(wrn28_10),
+    "wrn": _conv_family(wide_resnet),  # model.kwargs.depth (6n+4), .width
     "densenet_bc100": _conv_family(densenet_bc100),
     "efficientnet_b0": _conv_family(efficientnet_b0),
     "mixer_s": _mixer,
