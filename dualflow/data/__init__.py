@@ -13,6 +13,7 @@ from dualflow.data.augment import (
     random_flip,
 )
 from dualflow.data.digits import load_sklearn_digits
+from dualflow.data.fetch import default_cache_dir, fetch_uci
 from dualflow.data.fingerprint import fingerprint
 from dualflow.data.images import ImageDataset, load_image_dataset
 from dualflow.data.info import IMAGE_DATASETS, ImageDatasetInfo, dataset_info
@@ -44,6 +45,8 @@ __all__ = [
     "UCI_DATASETS",
     "DataError",
     "DataNotFoundError",
+    "default_cache_dir",
+    "fetch_uci",
     "fingerprint",
     "UCIData",
     "UCISplit",

@@ -13,6 +13,9 @@ directory (config ``data_dir``, then ``$DUALFLOW_DATA_DIR``)::
     uci/<name>/index_test_<k>.txt
     uci/<name>/n_splits.txt, n_hidden.txt, n_epochs.txt   (the protocol)
 
+``load_uci(name, data_dir, download=True)`` downloads a missing folder from
+the pinned source commit first (:mod:`dualflow.data.fetch`).
+
 :func:`load_uci` validates every file it reads (see its docstring) and raises
 :class:`~dualflow.errors.DataError` naming the data set, the file and the first
 bad line; :meth:`UCIData.fingerprint` is what results files store to notice
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dualflow.data.fetch import default_cache_dir, fetch_uci
 from dualflow.data.fingerprint import fingerprint
 from dualflow.data.paths import DataNotFoundError, resolve_data_dir
 from dualflow.data.validate import data_error, read_int_list, read_table
@@ -141,8 +145,19 @@ def _uci_root(data_dir: str | os.PathLike | None) -> Path:
     return root
 
 
-def load_uci(name: str, data_dir: str | os.PathLike | None = None) -> UCIData:
+def load_uci(
+    name: str, data_dir: str | os.PathLike | None = None, *, download: bool = False
+) -> UCIData:
     """Load data set ``name`` and its standard split indices, validated.
+
+    With ``download=True`` a missing folder ``<data_dir>/uci/<name>/`` is first
+    downloaded from the pinned commit of the source repository (see
+    :mod:`dualflow.data.fetch`; all files or nothing, ``data.txt`` checked
+    against its sha256); with no data directory configured the files go to
+    :func:`~dualflow.data.fetch.default_cache_dir`.  An existing folder is used
+    as it is.  A failed download raises
+    :class:`~dualflow.errors.DataNotFoundError` saying what failed and where to
+    put the files by hand.
 
     Checks (each failure is one :class:`~dualflow.errors.DataError` naming the
     data set, the file and the first bad line): ``data.txt`` is a non-empty
@@ -156,7 +171,13 @@ def load_uci(name: str, data_dir: str | os.PathLike | None = None) -> UCIData:
         raise ConfigError(
             f"unknown UCI data set {name!r}; choose from {', '.join(UCI_DATASETS)}."
         )
-    folder = _uci_root(data_dir) / name
+    if download:
+        base = resolve_data_dir(data_dir) or default_cache_dir()
+        folder = base / "uci" / name
+        if not folder.is_dir():
+            fetch_uci(name, folder.parent)
+    else:
+        folder = _uci_root(data_dir) / name
     folder = folder.resolve() if folder.exists() else folder
     return _load(str(folder), name, _stamp(folder))
 
