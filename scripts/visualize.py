@@ -26,6 +26,10 @@ Figures (PNG in ``--out``, default ``results/hmc``):
   smoothing densities (linearised and moment-matched activations) vs 20000
   sampled networks, smoothing by importance weights (:mod:`dualflow.hmc.sanity`).
 
+The Boston and mixture studies (training, potentials, sampling with
+diagnostics, plots) are library code in :mod:`dualflow.hmc.figures`, which
+``notebooks/hmc_beliefs.ipynb`` calls too.
+
 Convergence: split R-hat and ESS of every run go to ``diagnostics.json``
 (records ``figure, max_rhat, min_ess, ...``); a figure whose chains have
 R-hat > ``--max_rhat`` is not drawn (clear message, exit code 1) unless
@@ -88,172 +92,58 @@ def _savefig(fig, path: str) -> None:
 def _sample(name, potential, init, key, records, failures, extra_fn=None):
     """Run HMC from ``init`` [chains, dim], check R-hat, print and append the
     diagnostics record (plus ``extra_fn(res)``); return ``(result, converged)``."""
-    import jax
-    import jax.numpy as jnp
-
-    from dualflow.hmc import check_converged, run_hmc
+    from dualflow.hmc import sample_with_diagnostics
 
     F = flags.FLAGS
-    chains, warmup, samples = _budget()
-    res = run_hmc(
-        jax.jit(potential),
-        jnp.asarray(init, jnp.float32),
+    _, warmup, samples = _budget()
+    run = sample_with_diagnostics(
+        name,
+        potential,
+        init,
         num_warmup=warmup,
         num_samples=samples,
         key=key,
+        max_rhat=F.max_rhat,
+        extra_fn=extra_fn,
     )
-    ok = check_converged(res, F.max_rhat, force=True)
-    extra = extra_fn(res) if extra_fn else {}
-    print(
-        f"{name}: split R-hat {res.max_rhat:.3f}  min ESS {res.min_ess:.0f}  accept"
-        f" {res.accept_prob:.2f}  divergences {res.divergences}  ({res.seconds:.1f} s)"
-    )
-    if res.divergences or res.min_ess < 100:
-        print(
-            f"warning: {name}: {res.divergences} divergent transitions, min ESS"
-            f" {res.min_ess:.0f}; treat the figure with care or run longer.",
-            file=sys.stderr,
-        )
-    records.append(
-        {
-            "figure": name,
-            "max_rhat": res.max_rhat,
-            "min_ess": res.min_ess,
-            "converged": ok,
-            "chains": chains,
-            "warmup": warmup,
-            "draws_per_chain": samples,
-            "accept_prob": res.accept_prob,
-            "divergences": res.divergences,
-            "seconds": res.seconds,
-            **extra,
-        }
-    )
-    if not ok:
-        failures.append(name)
-    return res, ok
+    _keep(run, records, failures)
+    return run.result, run.converged
+
+
+def _keep(run, records, failures) -> None:
+    records.append(run.record)
+    if not run.converged:
+        failures.append(run.name)
 
 
 # --------------------------------------------------------------------------
-# Fig. 2: Boston housing
+# Fig. 2: Boston housing (dualflow.hmc.figures.boston_study)
 # --------------------------------------------------------------------------
-def _train_regressor(method_name, x, y, seed, epochs, kl_weight=1.0):
-    import optax
-    from flax import nnx
-
-    from dualflow import nn as dnn
-    from dualflow.train import fit
-
-    model = dnn.Regressor(x.shape[1], (50,), rngs=nnx.Rngs(seed), noise_var=0.1)
-    method = dnn.Method(method_name)
-    fit(
-        model,
-        optax.adam(1e-2),
-        x,
-        y[:, None],
-        method=method,
-        likelihood=dnn.Likelihood("gaussian"),
-        epochs=epochs,
-        batch_size=32,
-        kl_weight=kl_weight,
-        seed=seed,
-        progress=False,
-    )
-    return model, method
-
-
 def boston(out: str, records: list, failures: list) -> None:
     import jax
     import jax.numpy as jnp
 
-    from dualflow import nn as dnn
     from dualflow.data import load_uci, uci_split
-    from dualflow.hmc import (
-        gaussian_log_prior,
-        regression_potential,
-    )
+    from dualflow.hmc.figures import boston_study, plot_boston
     from dualflow.hmc.sanity import compare_with_sampled_networks
     from dualflow.io import write_json_atomic
 
     F = flags.FLAGS
-    chains = _budget()[0]
+    chains, warmup, samples = _budget()
     sp = uci_split(load_uci("boston", F.data_dir or None), 0)
-    x, y = sp.x_train, sp.y_train
-    d = x.shape[1]
-    epochs = 20 if F.quick else 200
-    t0 = time.time()
-    bnn, bp = _train_regressor("bp", x, y, F.seed, epochs)
-    nets = [
-        _train_regressor("deterministic", x, y, F.seed + i, epochs)[0] for i in (1, 2)
-    ]
-    det = dnn.Method("deterministic")
-    print(
-        f"boston: trained 1 bp BNN + 2 networks ({epochs} epochs, {time.time() - t0:.1f} s)"
+    study = boston_study(
+        sp,
+        seed=F.seed,
+        epochs=20 if F.quick else 200,
+        chains=chains,
+        num_warmup=warmup,
+        num_samples=samples,
+        prior_scale=F.prior_scale,
+        max_rhat=F.max_rhat,
     )
-
-    # p(x, y) = p(y | x) p0(x) has x-marginal p0 whatever the network (p(y | x)
-    # integrates to 1 over y): sample the conditionals p(x | y*) instead, one
-    # block of d coordinates per label y* (training-label percentiles)
-    y_star = np.percentile(y, [10, 30, 50, 70, 90]).astype(np.float32)
-    K = len(y_star)
-    cov = np.cov(x.T)
-    log_prior = gaussian_log_prior(cov, F.prior_scale)
-    rng = np.random.default_rng(F.seed)
-    near = [np.argsort(np.abs(y - t))[:20] for t in y_star]
-    init = np.stack(
-        [
-            np.concatenate([x[rng.choice(near[k])] for k in range(K)])
-            for _ in range(chains)
-        ]
-    )
-    init = init + 0.1 * rng.standard_normal(init.shape)
-
-    def predict_mean(models, method, xs):
-        outs = []
-        for m in models:
-            p = dnn.predict(
-                m,
-                jnp.asarray(xs, jnp.float32),
-                method=method,
-                likelihood=dnn.Likelihood("gaussian"),
-            )
-            outs.append(np.asarray(p.mean)[:, 0])
-        return outs
-
-    panels = []
-    for i, (name, models, method) in enumerate(
-        (("boston_bp", [bnn], bp), ("boston_two_networks", nets, det))
-    ):
-        pot = regression_potential(
-            models if len(models) > 1 else models[0], method, log_prior
-        )
-        ys = jnp.asarray(y_star)
-
-        def conditional(u, pot=pot, ys=ys):
-            xs = u.reshape(K, d)
-            return jnp.sum(jax.vmap(lambda xk, yk: pot(jnp.append(xk, yk)))(xs, ys))
-
-        def rms_gap(res, models=models, method=method, name=name):
-            # how far the predictions at inputs sampled for y* fall from y*
-            xs_all = res.flat.reshape(-1, K, d)
-            gaps = [
-                np.asarray(p) - y_star[k]
-                for k in range(K)
-                for p in predict_mean(models, method, xs_all[:, k])
-            ]
-            gap = float(sp.y_std * np.sqrt(np.mean(np.concatenate(gaps) ** 2)))
-            print(
-                f"{name}: RMS(prediction - y*) at the sampled inputs {gap:.2f} ($1000s)"
-            )
-            return {
-                "y_star": (sp.y_mean + sp.y_std * y_star).tolist(),
-                "rms_prediction_minus_label": gap,
-            }
-
-        res, ok = _sample(
-            name, conditional, init, F.seed * 100 + i, records, failures, rms_gap
-        )
-        panels.append((models, method, res, ok))
+    for run in study.runs:
+        _keep(run, records, failures)
+    bnn = study.panels[0].models[0]
 
     # App. E.2 sanity check on test inputs, both activation-moment modes
     n_check = 16 if F.quick else 64
@@ -276,200 +166,42 @@ def boston(out: str, records: list, failures: list) -> None:
             )
     write_json_atomic(os.path.join(out, "sanity.json"), sanity, indent=2)
 
-    if not all(ok for *_, ok in panels) and not F.force:
+    if not study.converged and not F.force:
         return
     plt = _plt()
-    evals, evecs = np.linalg.eigh(cov)
-    pcs = evecs[:, ::-1][:, :2]
-    cmap = plt.get_cmap("plasma")
-    colors = [cmap(k / (K - 1) * 0.85) for k in range(K)]
-    y_lab = sp.y_mean + sp.y_std * y_star
-    fig, axes = plt.subplots(2, 2, figsize=(11, 10))
-    for row, (models, method, res, _) in enumerate(panels):
-        xs = res.flat.reshape(-1, K, d)
-        ax = axes[row, 0]
-        markers = ["o", "^"]
-        for k in range(K):
-            preds = predict_mean(models, method, xs[:, k])
-            for j, p in enumerate(preds):
-                jitter = 0.25 * rng.standard_normal(len(p))
-                ax.scatter(
-                    y_lab[k] + jitter,
-                    sp.y_mean + sp.y_std * p,
-                    s=3,
-                    alpha=0.2,
-                    color=colors[k],
-                    marker=markers[j],
-                )
-        lo, hi = y_lab[0] - 8, y_lab[-1] + 8
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="prediction = label")
-        ax.set_xlim(lo, hi)
-        ax.set_xlabel("label y* the inputs are sampled for ($1000s, jittered)")
-        ax.set_ylabel("prediction at the sampled x ($1000s)")
-        title = (
-            "bp BNN (Algorithm 1)"
-            if row == 0
-            else "two networks (circles: net 1, triangles: net 2)"
-        )
-        ax.set_title(f"({'ac'[row]}) {title}", fontsize=10)
-        ax.legend(loc="upper left")
-        ax = axes[row, 1]
-        tr = x @ pcs
-        ax.scatter(
-            tr[:, 0],
-            tr[:, 1],
-            s=4,
-            c="0.6",
-            marker="x",
-            alpha=0.6,
-            label="training inputs",
-        )
-        proj_all = []
-        for k in range(K):
-            proj = xs[:, k] @ pcs
-            proj_all.append(proj)
-            ax.scatter(
-                proj[:, 0],
-                proj[:, 1],
-                s=2,
-                alpha=0.15,
-                color=colors[k],
-                label=f"x | y* = {y_lab[k]:.0f}",
-            )
-        proj = np.concatenate(proj_all)
-        mu, c2 = proj.mean(0), np.cov(proj.T)
-        w, v = np.linalg.eigh(c2)
-        t = np.linspace(0, 2 * np.pi, 200)
-        circle = np.stack([np.cos(t), np.sin(t)])
-        for m in (1, 2, 3):
-            e = mu[:, None] + v @ (m * np.sqrt(w)[:, None] * circle)
-            ax.plot(e[0], e[1], ":", color="navy", lw=1.5)
-        g0 = np.linspace(*np.percentile(proj[:, 0], [1, 99]), 60)
-        g1 = np.linspace(*np.percentile(proj[:, 1], [1, 99]), 60)
-        G0, G1 = np.meshgrid(g0, g1)
-        grid = np.stack([G0.ravel(), G1.ravel()], 1) @ pcs.T
-        gp = np.mean(predict_mean(models, method, grid), 0)
-        cs = ax.contour(
-            G0,
-            G1,
-            (sp.y_mean + sp.y_std * gp).reshape(G0.shape),
-            levels=8,
-            colors="k",
-            linewidths=1,
-        )
-        ax.clabel(cs, fontsize=7)
-        ax.set_xlabel("PC 1 of the training inputs")
-        ax.set_ylabel("PC 2")
-        ax.set_title(
-            f"({'bd'[row]}) samples on the top-2 PCs; Mahalanobis 1/2/3 (dotted);"
-            "\nprediction contours on the PC plane through the mean",
-            fontsize=9,
-        )
-        ax.legend(loc="lower right", markerscale=4, fontsize=7)
-    fig.suptitle(
-        "Boston housing: inputs a network believes for given prices,"
-        " p(x | y*) ∝ p(y* | x) p0(x) (HMC)"
+    fig = plot_boston(
+        sp.x_train,
+        study.y_star,
+        study.panels,
+        y_mean=sp.y_mean,
+        y_std=sp.y_std,
+        rng=study.rng,
     )
-    fig.tight_layout()
     _savefig(fig, os.path.join(out, "boston.png"))
     plt.close(fig)
 
 
 # --------------------------------------------------------------------------
-# Fig. 3: mixture of Gaussians
+# Fig. 3: mixture of Gaussians (dualflow.hmc.figures.mixture_study)
 # --------------------------------------------------------------------------
 def mixture(out: str, records: list, failures: list) -> None:
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    from dualflow import nn as dnn
-    from dualflow.hmc import class_log_prob_fn, classification_potential
-    from dualflow.train import fit
+    from dualflow.hmc.figures import mixture_study, plot_mixture
 
     F = flags.FLAGS
-    chains = _budget()[0]
-    rng = np.random.default_rng(F.seed)
-    means = np.array([[-2.0, -1.0], [2.0, -1.0], [0.0, 2.0]])
-    n_per = 200
-    x = np.concatenate([m + 0.7 * rng.standard_normal((n_per, 2)) for m in means])
-    y = np.repeat(np.arange(3), n_per).astype(np.int32)
-    x = x.astype(np.float32)
-    model = dnn.MLP((2, 32, 32, 3), rngs=nnx.Rngs(F.seed))
-    method = dnn.Method("bp")
-    fit(
-        model,
-        optax.adam(1e-2),
-        x,
-        y,
-        method=method,
-        epochs=20 if F.quick else 150,
-        batch_size=32,
-        kl_weight=1.0,
+    chains, warmup, samples = _budget()
+    study = mixture_study(
         seed=F.seed,
-        progress=False,
+        epochs=20 if F.quick else 150,
+        chains=chains,
+        num_warmup=warmup,
+        num_samples=samples,
+        max_rhat=F.max_rhat,
     )
-    std = x.std(0)
-    center = x.mean(0)
-    # one block of 2 coordinates per class; prior N(center, (2 std)^2)
-    potential = classification_potential(
-        class_log_prob_fn(model, method),
-        [0, 1, 2],
-        origin=center,
-        basis=np.diag(2.0 * std).astype(np.float32),
-    )
-    init = []
-    for _ in range(chains):
-        pts = [x[rng.choice(np.flatnonzero(y == k))] for k in range(3)]
-        init.append(((np.stack(pts) - center) / (2.0 * std)).ravel())
-    init = np.asarray(init) + 0.05 * rng.standard_normal((chains, 6))
-    res, ok = _sample("mixture", potential, init, F.seed, records, failures)
-    if not ok and not F.force:
+    _keep(study.run, records, failures)
+    if not study.run.converged and not F.force:
         return
     plt = _plt()
-    from scipy.stats import gaussian_kde
-
-    z = res.flat.reshape(-1, 3, 2) * (2.0 * std) + center
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    g = np.linspace(-5, 5, 120)
-    G0, G1 = np.meshgrid(g, g)
-    grid = np.stack([G0.ravel(), G1.ravel()], 1).astype(np.float32)
-    probs = np.asarray(dnn.predict(model, jnp.asarray(grid), method=method).probs)
-    colors = ["tab:blue", "tab:orange", "tab:green"]
-    ax = axes[0]
-    ax.contourf(
-        G0,
-        G1,
-        probs.argmax(1).reshape(G0.shape),
-        levels=[-0.5, 0.5, 1.5, 2.5],
-        colors=colors,
-        alpha=0.15,
-    )
-    ax.contour(
-        G0,
-        G1,
-        probs.max(1).reshape(G0.shape),
-        levels=[0.5, 0.9, 0.99],
-        colors="k",
-        linewidths=0.8,
-    )
-    for k in range(3):
-        ax.scatter(*x[y == k].T, s=5, color=colors[k], label=f"component {k}")
-    ax.set_title("training data, bp BNN decision regions (max prob 0.5/0.9/0.99)")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    for k in range(3):
-        zk = z[:, k]
-        ax.scatter(*zk.T, s=2, alpha=0.15, color=colors[k])
-        kde = gaussian_kde(zk.T)
-        dens = kde(np.stack([G0.ravel(), G1.ravel()])).reshape(G0.shape)
-        ax.contour(G0, G1, dens, levels=4, colors=colors[k], linewidths=1)
-    ax.set_title("HMC: p(x | y = k) ∝ p(y = k | x) p0(x)")
-    for a in axes:
-        a.set_xlim(-5, 5)
-        a.set_ylim(-5, 5)
-        a.set_aspect("equal")
-    fig.tight_layout()
+    fig = plot_mixture(study.x, study.y, study.model, study.method, study.samples)
     _savefig(fig, os.path.join(out, "mixture.png"))
     plt.close(fig)
 
