@@ -97,13 +97,11 @@ def plot_hidden_states(
     input (markers drawn as vertical lines).  A negative implied smoothed
     variance (possible away from the Gaussian-linear case) is drawn as 0.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves its backend alone
 
     t = np.arange(1, x.shape[0] + 1)
-    fig, axes = plt.subplots(len(units), 1, figsize=(8, 1.9 * len(units)), sharex=True)
+    fig = Figure(figsize=(8, 1.9 * len(units)))
+    axes = fig.subplots(len(units), 1, sharex=True)
     axes = np.atleast_1d(axes)
     marks = np.flatnonzero(x[:, 1] > 0) + 1
     for ax, u in zip(axes, units, strict=True):
@@ -122,7 +120,6 @@ def plot_hidden_states(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, path)
 
 

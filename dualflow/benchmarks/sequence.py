@@ -669,18 +669,14 @@ def plot_adding(
     and seed (later seeds thinner).  Values above ``clip`` (exploding
     networks) are drawn at ``clip`` with an x marker; a curve ends at its
     first non-finite value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves its backend alone
 
     recs = [r for r in records if r["task"] == "adding"]
     lens = sorted({r["seq_len"] for r in recs})
     if not lens:
         return
-    fig, axes = plt.subplots(
-        1, len(lens), figsize=(4.2 * len(lens), 3.4), squeeze=False
-    )
+    fig = Figure(figsize=(4.2 * len(lens), 3.4))
+    axes = fig.subplots(1, len(lens), squeeze=False)
     for ax, t in zip(axes[0], lens, strict=True):
         labelled: set[str] = set()
         for r in sorted((r for r in recs if r["seq_len"] == t), key=record_key):
@@ -711,23 +707,18 @@ def plot_adding(
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_mnist(summary: Sequence[dict], path: str | os.PathLike) -> None:
     """Bar chart of test accuracy (mean ± std) per task and method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves its backend alone
 
     rows = [s for s in summary if s["task"] in MNIST_TASKS]
     tasks = [t for t in MNIST_TASKS if any(s["task"] == t for s in rows)]
     if not tasks:
         return
-    fig, axes = plt.subplots(
-        1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False
-    )
+    fig = Figure(figsize=(4.2 * len(tasks), 3.4))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, t in zip(axes[0], tasks, strict=True):
         ss = [s for s in rows if s["task"] == t]
         ss.sort(key=lambda s: MNIST_METHODS.index(s["method"]))
@@ -745,7 +736,6 @@ def plot_mnist(summary: Sequence[dict], path: str | os.PathLike) -> None:
         ax.set_ylabel("test accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_study(

@@ -292,15 +292,12 @@ def plot_summary(
     """PNG: per data set, test LL and RMSE of each method with standard errors;
     published anchors as horizontal ticks."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves its backend alone
 
     datasets = [d for d in UCI_DATASETS if d in summary]
-    fig, axes = plt.subplots(
-        2, len(datasets), figsize=(2.2 * len(datasets) + 1, 6), squeeze=False
-    )
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(2.2 * len(datasets) + 1, 6))
+    axes = fig.subplots(2, len(datasets), squeeze=False)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = {"PBP": "1", "MC dropout": "2", "Deep ensembles": "3", "DVI": "4"}
     for j, ds in enumerate(datasets):
         for i, metric in enumerate(("ll", "rmse")):
@@ -333,4 +330,3 @@ def plot_summary(
     fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=6, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)

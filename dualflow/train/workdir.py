@@ -11,7 +11,9 @@ checkpoint (it diverged, or was killed before its first save) to
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 from pathlib import Path
 
 from dualflow.errors import DualflowError
@@ -44,7 +46,18 @@ class WorkdirLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # the file system has no locks (some network / FUSE mounts,
+                # e.g. Google Drive on Colab): run unlocked, say so once
+                os.close(fd)
+                print(
+                    f"dualflow: workdir {self.path.parent} does not support file"
+                    f" locks ({os.strerror(err.errno or 0)}); running without one:"
+                    " do not start a second run on this workdir at the same time",
+                    file=sys.stderr,
+                )
+                return self
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise WorkdirBusyError(
