@@ -2,6 +2,7 @@
 
     python scripts/bench_bp.py                  # MLP 784-1024-1024-10 and a conv net
     python scripts/bench_bp.py --batch=256 --repeats=20
+    python scripts/bench_bp.py --variance-floor --repeats=30   # issue 22 item 5
 
 Prints, per model and activation mode, measured in one run:
   * residual bytes saved for the backward pass (excluding arguments), from
@@ -10,6 +11,11 @@ Prints, per model and activation mode, measured in one run:
   * step time (value_and_grad, jitted, median of repeats; BP, autodiff and the
     plain network take turns so machine-load drift hits all three alike):
     BP / autodiff and BP / plain deterministic network with the same shapes.
+``--variance-floor`` instead times only the MLP (linearised ReLU, BP) against
+the plain network with the variance computed as before issue 22 (two products,
+point-input variance product kept), with one fused product, with the
+point-input variance product skipped (the default), and both -- all in one
+interleaved loop.
 Record the figures in docs/benchmarks.md with the command line.
 """
 
@@ -30,6 +36,15 @@ import jax.numpy as jnp  # noqa: E402
 from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
 
 from dualflow import cli, moments, objectives  # noqa: E402
+from dualflow.moments import linear as _linear  # noqa: E402
+
+# --variance-floor variants: (label, dense variance fused, skip point variance)
+VARIANCE_VARIANTS = (
+    ("two products (before)", False, False),
+    ("fused", True, False),
+    ("point skip (default)", False, True),
+    ("fused + point skip", True, True),
+)
 
 
 def mlp_params(key, sizes):
@@ -149,6 +164,39 @@ def race(steps: dict, repeats: int) -> dict:
     return {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
 
 
+def compile_variant(fused: bool, skip_point: bool, *args):
+    """``compile_step`` of the BP MLP traced with the variance switches set."""
+    old = _linear._FUSE_DENSE_VARIANCE, _linear._SKIP_POINT_VARIANCE
+    _linear._FUSE_DENSE_VARIANCE, _linear._SKIP_POINT_VARIANCE = fused, skip_point
+    try:
+        return compile_step(mlp_loss, *args)[0]
+    finally:
+        _linear._FUSE_DENSE_VARIANCE, _linear._SKIP_POINT_VARIANCE = old
+
+
+def variance_floor(batch: int, repeats: int, act: str) -> None:
+    """Print BP / plain step time of the MLP for each variance variant."""
+    key = jax.random.PRNGKey(0)
+    params = mlp_params(key, (784, 1024, 1024, 10))
+    x = jax.random.uniform(key, (batch, 784))
+    y = jax.random.randint(key, (batch,), 0, 10)
+    static = (act, "linearized", "bp")
+    steps = {"plain": compile_step(mlp_plain, params, x, y, static)[0]}
+    for label, fused, skip in VARIANCE_VARIANTS:
+        steps[label] = compile_variant(fused, skip, params, x, y, static)
+    t = race(steps, repeats)
+    print(
+        f"MLP 784-1024-1024-10, batch {batch}, {act} linearized, BP, median of"
+        f" {repeats}; plain {t['plain'] * 1e3:.2f} ms"
+    )
+    for label, *_ in VARIANCE_VARIANTS:
+        print(
+            f"  {label:24s} {t[label] * 1e3:8.2f} ms  BP/plain"
+            f" {t[label] / t['plain']:.3f}",
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and print the table."""
     ap = cli.argument_parser(description=__doc__.split("\n")[0])
@@ -156,11 +204,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--conv-batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--activation", default="relu", choices=["relu", "tanh"])
+    ap.add_argument(
+        "--variance-floor",
+        action="store_true",
+        help="only the MLP: BP/plain step time per variance-product variant",
+    )
     args = ap.parse_args(argv)
     for flag in ("batch", "conv_batch", "repeats"):
         if getattr(args, flag) < 1:
             name = flag.replace("_", "-")
             ap.error(f"--{name}: must be >= 1, got {getattr(args, flag)}")
+    if args.variance_floor:
+        variance_floor(args.batch, args.repeats, args.activation)
+        return
     key = jax.random.PRNGKey(0)
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform}; "

@@ -3,6 +3,8 @@
     python scripts/bench_models.py                       # all models, batch 8
     python scripts/bench_models.py --models=resnet20,mlp --repeats=1 \
         --out=/tmp/bench.json                            # a quick subset
+    python scripts/bench_models.py --models=resnet20 --conv-impls=lax,im2col
+        # instead: step times per conv implementation (issue 22), one run
 
 For each model (normalisation-free variant, CIFAR shape 32x32x3, 10 classes)
 one SGD train step is compiled and timed for ``deterministic`` and ``bp`` on
@@ -28,6 +30,7 @@ from dualflow import cli  # noqa: E402
 from dualflow.benchmarks.models import (  # noqa: E402
     BENCH_MODELS,
     TINY,
+    compare_conv_impls,
     markdown_table,
     mc_variance_ratios,
     measure_model,
@@ -64,6 +67,44 @@ def _mc(args) -> int:
     return 0
 
 
+def _conv_impls(args, rows) -> int:
+    from dualflow.moments._conv_cpu import CONV_IMPLS
+
+    impls = cli.parse_list(args.conv_impls, "conv-impls", choices=CONV_IMPLS)
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch},"
+        f" median of {args.repeats}; step ms (ratio to the first impl)"
+    )
+    for label, name, kw in rows:
+        if kw:
+            continue  # the registry defaults only
+        t = compare_conv_impls(
+            name,
+            impls,
+            batch=args.batch,
+            repeats=args.repeats,
+            unfused_too=args.unfused_variance,
+        )
+        for method in ("deterministic", "bp"):
+            base = t[f"{method} {impls[0]}"]
+            cells = [
+                f"{i} {t[f'{method} {i}'] * 1e3:.1f} ({t[f'{method} {i}'] / base:.2f})"
+                for i in impls
+            ]
+            print(f"  {label} {method}: " + ", ".join(cells), flush=True)
+        print(
+            f"  {label} bp/det: "
+            + ", ".join(
+                f"{i} {t[f'bp {i}'] / t[f'deterministic {i}']:.2f}" for i in impls
+            ),
+            flush=True,
+        )
+        for i in impls if args.unfused_variance else ():
+            r = t[f"bp {i} unfused"] / t[f"bp {i}"]
+            print(f"  {label} bp {i}: unfused / fused conv variance {r:.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, measure the models, write JSON and markdown."""
     ap = cli.argument_parser(description=__doc__.split("\n")[0])
@@ -83,6 +124,19 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: bp output moments of the tiny model of every family vs"
         " Monte Carlo",
     )
+    ap.add_argument(
+        "--conv-impls",
+        default="",
+        help="instead: time deterministic and bp steps of --models under each of"
+        " these conv implementations (e.g. lax,im2col; DUALFLOW_CONV_IMPL values)"
+        " in one interleaved loop",
+    )
+    ap.add_argument(
+        "--unfused-variance",
+        action="store_true",
+        help="with --conv-impls: also time bp with the two conv variance products"
+        " of before issue 22",
+    )
     ap.add_argument("--init_var", type=float, default=1e-3)
     ap.add_argument("--samples", type=int, default=4000)
     args = ap.parse_args(argv)
@@ -98,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         known = ", ".join(r[0] for r in BENCH_MODELS)
         bad = ", ".join(map(repr, unknown))
         cli.fail(f"--models: unknown {bad}; choose from {known}")
+    if args.conv_impls:
+        return _conv_impls(args, rows)
     dev = jax.devices()[0]
     print(
         f"jax {jax.__version__} on {dev.platform} ({platform.processor() or '?'},"

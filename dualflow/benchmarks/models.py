@@ -22,6 +22,7 @@ from dualflow.train.fit import make_pure_step
 __all__ = [
     "BENCH_MODELS",
     "TINY",
+    "compare_conv_impls",
     "markdown_table",
     "mc_variance_ratios",
     "measure_model",
@@ -149,6 +150,62 @@ def measure_model(
         out["fwd_flops_per_image_bp"] / out["fwd_flops_per_image_deterministic"]
     )
     return out
+
+
+def compare_conv_impls(
+    name: str,
+    impls: Sequence[str] = ("lax", "im2col"),
+    *,
+    methods: Sequence[str] = ("deterministic", "bp"),
+    batch: int = 8,
+    input_shape: Sequence[int] = (32, 32, 3),
+    num_classes: int = 10,
+    repeats: int = 3,
+    unfused_too: bool = False,
+) -> dict[str, float]:
+    """Median SGD train-step seconds of ``name`` (NF variant) for every
+    ``method`` traced under every conv implementation of
+    :mod:`dualflow.moments._conv_cpu` (keys ``"<method> <impl>"``; with
+    ``unfused_too`` also ``"bp <impl> unfused"``: the two conv variance
+    products of before issue 22); all steps take turns in one loop, so the
+    ratios are measured in one run."""
+    from dualflow.moments import linear
+    from dualflow.moments._conv_cpu import using_conv_impl
+
+    shape = tuple(int(s) for s in input_shape)
+    model = models.build_model(
+        name, num_classes=num_classes, input_shape=shape, rngs=nnx.Rngs(0)
+    )
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(1), (batch, *shape))
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, num_classes)
+    tx = optax.sgd(1e-3)
+    args = (params, rest, tx.init(params), x, y, jax.random.key(3))
+    variants = [(m, i, True) for i in impls for m in methods]
+    if unfused_too:
+        variants += [("bp", i, False) for i in impls]
+    steps = {}
+    fused = linear._FUSE_CONV_VARIANCE
+    for method, impl, fuse in variants:
+        step = make_pure_step(
+            graphdef, tx, method=nn.Method(method), likelihood=nn.Likelihood(),
+            n_data=50_000, kl_weight=1.0,
+        )  # fmt: skip
+        linear._FUSE_CONV_VARIANCE = fuse
+        try:
+            with using_conv_impl(impl):  # the choices are made while tracing
+                compiled = jax.jit(step).lower(*args).compile()
+        finally:
+            linear._FUSE_CONV_VARIANCE = fused
+        jax.block_until_ready(compiled(*args))  # warm-up
+        steps[f"{method} {impl}" + ("" if fuse else " unfused")] = compiled
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, c in steps.items():
+            t = time.perf_counter()
+            jax.block_until_ready(c(*args))
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def markdown_table(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:

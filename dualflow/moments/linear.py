@@ -25,6 +25,16 @@ Backward rules (``backward=``):
   Weight gradients are unchanged.  It is *not* the gradient of the forward;
   offered to reproduce the paper and to compare.
 * ``"autodiff"``: plain reverse mode through the forward formulas.
+
+Products: the two variance products are computed as one over a doubled
+contraction axis, ``op([m^2, P], [s2; mu^2 + s2])`` (concatenated input
+channels), for ungrouped convs, in the forward and in the BP backward; dense
+keeps two products (on CPU the concatenated ``[2 d_in, d_out]`` weight operand
+measured slower).  A plain-array input is a point known statically: its
+variance is the single product ``op(x^2, s2)``.  Convolutions go through
+:mod:`dualflow.moments._conv_cpu` (``lax.conv_general_dilated`` unless
+``DUALFLOW_CONV_IMPL=im2col``).  Results equal the two-product formulas up to
+summation order (tests/test_fused_variance.py).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from jax import lax
 
 from dualflow.gaussian import Gaussian, _check_values, as_gaussian
 from dualflow.moments._backward import check_backward
+from dualflow.moments._conv_cpu import conv_general_dilated
 
 Array = jax.Array
 
@@ -49,10 +60,64 @@ __all__ = ["PRECISIONS", "bilinear_moments", "canonical_precision", "conv", "den
 # --------------------------------------------------------------------------
 # bilinear core shared by dense and conv
 # --------------------------------------------------------------------------
-def _forward(op, m, P, mu, s2):
-    mean = op(m, mu)
-    var = op(m * m, s2) + op(P, mu * mu + s2)
-    return mean, var
+# Switches read at trace time (benchmarks toggle them): the two variance
+# products as one over a doubled contraction axis -- on for conv (ResNet-20
+# BP step ~9 % faster on CPU), off for dense, where concatenating the
+# [2 d_in, d_out] weight operand cost more than it saved (MLP BP step ~8 %
+# slower; docs/benchmarks.md, issue 22) -- and no variance product for
+# statically known point inputs.
+_FUSE_CONV_VARIANCE = True
+_FUSE_DENSE_VARIANCE = False
+_SKIP_POINT_VARIANCE = True
+
+
+def _concat_axes(op, x: Array, w: Array) -> tuple[int, int] | None:
+    """The axes of ``x`` and ``w`` that ``op`` contracts (where concatenating
+    both along them sums two products), or ``None`` when ``op`` does not fuse
+    (no ``contraction_axes`` method, or it returns ``None``)."""
+    axes = getattr(op, "contraction_axes", None)
+    return axes(x, w) if axes is not None else None
+
+
+def _variance_operands(op, m: Array, P: Array, mu: Array, s2: Array):
+    """``[(lhs, rhs), ...]`` whose products sum to ``op(m^2, s2) + op(P, mu^2 + s2)``:
+    one concatenated pair when ``op`` allows, else the two pairs."""
+    pairs = [(m * m, s2), (P, mu * mu + s2)]
+    ax = _concat_axes(op, m, mu)
+    if ax is None:
+        return pairs, None
+    lhs = jnp.concatenate([pairs[0][0], pairs[1][0]], ax[0])
+    rhs = jnp.concatenate([pairs[0][1], pairs[1][1]], ax[1])
+    return [(lhs, rhs)], ax
+
+
+def _forward(op, m: Array, P: Array | None, mu: Array, s2: Array):
+    """``(op(m, mu), op(m^2, s2) + op(P, mu^2 + s2))``; ``P is None``: a point
+    input, whose variance is ``op(m^2, s2)`` alone."""
+    if P is None:
+        return op(m, mu), op(m * m, s2)
+    pairs, _ = _variance_operands(op, m, P, mu, s2)
+    var = op(*pairs[0])
+    for lhs, rhs in pairs[1:]:
+        var = var + op(lhs, rhs)
+    return op(m, mu), var
+
+
+def _variance_vjp(op, m: Array, P: Array | None, mu: Array, s2: Array, g: Array):
+    """Cotangents of the variance w.r.t. its product operands:
+    ``(d m^2, d P, d s2 [through m^2], d (mu^2 + s2))``; the P terms are
+    ``None`` for a point input."""
+    if P is None:
+        d_mm, d_s2 = jax.vjp(op, m * m, s2)[1](g)
+        return d_mm, None, d_s2, None
+    pairs, ax = _variance_operands(op, m, P, mu, s2)
+    if ax is None:
+        (d_mm, d_s2), (d_P, d_mu2s2) = (jax.vjp(op, *pr)[1](g) for pr in pairs)
+        return d_mm, d_P, d_s2, d_mu2s2
+    d_lhs, d_rhs = jax.vjp(op, *pairs[0])[1](g)
+    d_mm, d_P = jnp.split(d_lhs, [m.shape[ax[0]]], ax[0])
+    d_s2, d_mu2s2 = jnp.split(d_rhs, [mu.shape[ax[1]]], ax[1])
+    return d_mm, d_P, d_s2, d_mu2s2
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -68,25 +133,23 @@ def _bilinear_bp_fwd(op, fixed_noise, m, P, mu, s2):
 def _bilinear_bp_bwd(op, fixed_noise, res, cot):
     m, P, mu, s2 = res
     g_mean, g_var = cot
-    # op is bilinear, so each vjp below is a pair of transposed linear maps.
+    # op is bilinear, so each vjp is a pair of transposed linear maps.
     _, vjp_mean = jax.vjp(op, m, mu)
     lhs_mean, rhs_mean = vjp_mean(g_mean)  # mu^T g_mean, m^T g_mean
-    _, vjp_pvar = jax.vjp(op, P, mu * mu + s2)
-    lhs_pvar, rhs_pvar = vjp_pvar(g_var)  # (mu^2+s2)^T g_var, P^T g_var
-    _, vjp_mvar = jax.vjp(op, m * m, s2)
-    lhs_mvar, rhs_mvar = vjp_mvar(g_var)  # s2^T g_var, (m^2)^T g_var
-
-    g_mu = rhs_mean + 2.0 * mu * rhs_pvar
-    g_s2 = rhs_pvar + rhs_mvar
+    # cotangents of the variance w.r.t. m^2, P, s2 and mu^2 + s2
+    lhs_mvar, lhs_pvar, rhs_mvar, rhs_pvar = _variance_vjp(op, m, P, mu, s2, g_var)
+    g_mu, g_s2, g_P = rhs_mean, rhs_mvar, None
+    if P is not None:
+        g_mu = g_mu + 2.0 * mu * rhs_pvar
+        g_s2 = g_s2 + rhs_pvar
+        g_P = lhs_pvar
     if fixed_noise:
         # Paper App. A: process noise s2*(m^2+P) held fixed w.r.t. the input.
-        _, vjp_mu2 = jax.vjp(lambda a: op(a, mu * mu), P)
-        (g_P,) = vjp_mu2(g_var)
-        g_m = lhs_mean
-    else:
-        g_m = lhs_mean + 2.0 * m * lhs_mvar
-        g_P = lhs_pvar
-    return g_m, g_P, g_mu, g_s2
+        if P is not None:
+            _, vjp_mu2 = jax.vjp(lambda a: op(a, mu * mu), P)
+            (g_P,) = vjp_mu2(g_var)
+        return lhs_mean, g_P, g_mu, g_s2
+    return lhs_mean + 2.0 * m * lhs_mvar, g_P, g_mu, g_s2
 
 
 _bilinear_bp.defvjp(_bilinear_bp_fwd, _bilinear_bp_bwd)
@@ -117,7 +180,7 @@ def check_weights(
 
 def bilinear_moments(
     op,
-    x: Gaussian,
+    x: Gaussian | Array,
     w_mean: Array,
     w_var: Array,
     *,
@@ -129,12 +192,20 @@ def bilinear_moments(
     ``op`` must be a hashable callable (a module-level function or a frozen
     dataclass) because it is a static argument of the custom VJP.  ``w_var``
     must be ``>= 0`` (see :func:`check_weights`, run under the name ``where``;
-    ``None`` skips it when the caller has checked).
+    ``None`` skips it when the caller has checked).  A plain array ``x`` is a
+    point (variance 0, known statically): its output variance is the single
+    product ``op(x^2, w_var)``.  An ``op`` with a method
+    ``contraction_axes(x, w) -> (x_axis, w_axis) | None`` has its two variance
+    products computed as one over the concatenated contraction axis.
     """
     check_backward(backward, "bilinear_moments")
     if where is not None:
         check_weights(where, w_mean, w_var)
-    m, P = x.mean, x.var
+    if isinstance(x, Gaussian):
+        m, P = x.mean, x.var
+    else:
+        m = as_gaussian(x, "bilinear_moments input").mean
+        P = None if _SKIP_POINT_VARIANCE else jnp.zeros_like(m)
     mu = jnp.asarray(w_mean, m.dtype)
     s2 = jnp.asarray(w_var, m.dtype)
     if backward == "autodiff":
@@ -189,6 +260,13 @@ class _Matmul:
     def __call__(self, x, w):
         return jnp.matmul(x, w, precision=self.precision)
 
+    def contraction_axes(self, x: Array, w: Array) -> tuple[int, int] | None:
+        """``x [..., K] @ w [..., K, N]`` contracts ``x``'s last and ``w``'s
+        second-to-last axis (``None``: fusion off, see ``_FUSE_DENSE_VARIANCE``)."""
+        if not _FUSE_DENSE_VARIANCE or w.ndim < 2:
+            return None
+        return x.ndim - 1, w.ndim - 2
+
 
 _matmul = _Matmul()  # JAX's default precision
 
@@ -211,7 +289,7 @@ def dense(
         keep a trained variance positive by construction, e.g. ``exp(logvar)``).
       b_mean, b_var: optional bias moments ``[d_out]``.
       backward: ``"bp"``, ``"bp_fixed_noise"`` or ``"autodiff"`` (module doc).
-      precision: of the three products (see :func:`canonical_precision`);
+      precision: of the products (see :func:`canonical_precision`);
         ``None`` follows ``jax.default_matmul_precision``.
 
     Returns:
@@ -219,6 +297,7 @@ def dense(
       ``var = (x̂^2 + P) s2 + P mu^2 + s2_b``; exact for independent inputs and
       weights, output covariances dropped.
     """
+    point = not isinstance(x, Gaussian)  # a statically known point: var 0
     x = as_gaussian(x, "dense input")
     w_mean = jnp.asarray(w_mean)
     if w_mean.ndim != 2 or jnp.shape(w_var) != w_mean.shape:
@@ -233,7 +312,8 @@ def dense(
         )
     check_weights("dense", w_mean, w_var, b_mean, b_var)
     op = _Matmul(canonical_precision(precision, "dense"))
-    y = bilinear_moments(op, x, w_mean, w_var, backward=backward, where=None)
+    xin = x.mean if point else x
+    y = bilinear_moments(op, xin, w_mean, w_var, backward=backward, where=None)
     return _add_bias(y, b_mean, b_var)
 
 
@@ -253,7 +333,7 @@ class _ConvOp:
     precision: lax.Precision | None = None
 
     def __call__(self, x, w):
-        return lax.conv_general_dilated(
+        return conv_general_dilated(
             x,
             w,
             window_strides=self.window_strides,
@@ -264,6 +344,14 @@ class _ConvOp:
             feature_group_count=self.feature_group_count,
             precision=self.precision,
         )
+
+    def contraction_axes(self, x: Array, w: Array) -> tuple[int, int] | None:
+        """The input-feature axes of ``x`` and ``w`` (ungrouped convs only;
+        ``None``: no fusion, see ``_FUSE_CONV_VARIANCE``)."""
+        if self.feature_group_count != 1 or not _FUSE_CONV_VARIANCE:
+            return None
+        dn = lax.conv_dimension_numbers(x.shape, w.shape, self.dimension_numbers)
+        return dn.lhs_spec[1], dn.rhs_spec[1]
 
 
 def _tuple(v, n: int, name: str) -> tuple[int, ...]:
@@ -308,6 +396,7 @@ def conv(
       (each output pixel is independent given the stated assumptions; zero
       padding is a point at 0).
     """
+    point = not isinstance(x, Gaussian)  # a statically known point: var 0
     x = as_gaussian(x, "conv input")
     w_mean = jnp.asarray(w_mean)
     if jnp.shape(w_var) != w_mean.shape:
@@ -346,5 +435,6 @@ def conv(
         precision=canonical_precision(precision, "conv"),
     )
     check_weights("conv", w_mean, w_var, b_mean, b_var)
-    y = bilinear_moments(op, x, w_mean, w_var, backward=backward, where=None)
+    xin = x.mean if point else x
+    y = bilinear_moments(op, xin, w_mean, w_var, backward=backward, where=None)
     return _add_bias(y, b_mean, b_var)
