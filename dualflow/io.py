@@ -19,7 +19,7 @@ __all__ = [
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``.
+    """Write ``text`` (UTF-8) to ``path`` via a temporary file and ``os.replace``.
 
     A crash mid-write leaves the previous file (or none), never a partial one.
     """
@@ -31,7 +31,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

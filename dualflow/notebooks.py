@@ -18,16 +18,21 @@ runtime line).  ``scripts/run_notebook.py`` is the command-line front end.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import pathlib
 import re
+import sys
+import tempfile
 import time
 from typing import Any
 
 __all__ = [
     "INSTALL_CELL",
+    "NOT_RUN_AT_FULL_SIZE",
     "NOTEBOOK_DIR",
     "NotebookError",
+    "code_digest",
     "execute",
     "notebook_paths",
     "problems",
@@ -43,7 +48,7 @@ REPO_URL = "https://github.com/dualflow/dualflow"  # change it to use a fork
 
 import glob, importlib, importlib.util, os, pathlib, shutil, subprocess, sys
 
-SMALL = os.environ.get("SMALL", "0") not in ("", "0")  # SMALL=1: seconds on a CPU
+SMALL = os.environ.get("SMALL", "").lower() not in ("", "0", "false", "no", "off")
 PIP = [sys.executable, "-m", "pip", "install", "-q"]
 
 
@@ -54,16 +59,22 @@ def _clone_root():
     return None
 
 
+def _accelerator_extra():
+    tpu = glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+    if tpu or importlib.util.find_spec("libtpu") is not None:
+        return "[tpu]"
+    return "[cuda]" if shutil.which("nvidia-smi") else ""
+
+
 if importlib.util.find_spec("dualflow") is None:
-    root = _clone_root()
+    root, extra = _clone_root(), _accelerator_extra()
     if root is not None:  # a clone: editable install, importable at once
-        subprocess.run([*PIP, "-e", str(root)], check=True)
+        subprocess.run([*PIP, "-e", f"{root}{extra}"], check=True)
         sys.path.insert(0, str(root))
     else:  # Colab, or any machine without a clone
-        tpu = bool(glob.glob("/dev/accel*")) or "COLAB_TPU_ADDR" in os.environ
-        extra = "[tpu]" if tpu else "[cuda]" if shutil.which("nvidia-smi") else ""
         subprocess.run([*PIP, f"dualflow{extra} @ git+{REPO_URL}"], check=True)
     importlib.invalidate_caches()
+    print(f"installed dualflow{extra} (if this kernel had imported jax, restart it)")
 
 import jax
 
@@ -79,10 +90,18 @@ print("SMALL run (seconds on a CPU)" if SMALL else "full-size run")
 NOT_RUN_AT_FULL_SIZE = "not been run at full size"
 
 _ABS_PATH = re.compile(
-    r"(?<![\w.~:/-])/(?:home|work|tmp|root|Users|usr|opt|var|private|mnt|srv"
-    r"|content|scratch)/[^\s'\"]*"
-    r"|\b[A-Za-z]:\\[^\s'\"]+"
+    r"file://\S+"
+    r"|(?<![\w.~:/-])/(?:home|work|tmp|root|Users|usr|opt|var|private|mnt|srv|content"
+    r"|scratch|data|media|Volumes|nix|etc|run)/[^\s'\"()]*"
+    r"|\b[A-Za-z]:[\\/][^\s'\"]+"
 )
+
+
+def _local_paths() -> list[str]:
+    """This machine's own absolute folders (home, checkout, Python, temp)."""
+    found = {str(pathlib.Path.home()), str(NOTEBOOK_DIR.parent), sys.prefix}
+    found.add(tempfile.gettempdir())
+    return sorted(p for p in found if len(p) > 4)  # not "/" or "/tmp" alone
 
 
 class NotebookError(RuntimeError):
@@ -110,20 +129,29 @@ def execute(
       env: extra environment variables for the kernel.
 
     Returns the ``nbformat`` notebook with outputs, execution counts from 1
-    and ``metadata["dualflow"]`` = ``{"small", "seconds", "executed"}``.
+    and ``metadata["dualflow"]`` = ``{"code_sha256", "small", "seconds",
+    "executed"}`` (the digest of the code cells the outputs belong to).
     Raises :class:`NotebookError` naming the first failing cell.
     """
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import (
+        CellExecutionError,
+        CellTimeoutError,
+        DeadKernelError,
+    )
 
     path = pathlib.Path(path)
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:  # outputs of an earlier run must not survive a failure
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
-    kernel_env = {**os.environ, **(env or {}), "SMALL": "1" if small else "0"}
-    kernel_env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    kernel_env = {
+        **os.environ,
+        **(env or {}),
+        "SMALL": "1" if small else "0",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",  # figures inline
+    }
     client = NotebookClient(
         nb,
         timeout=timeout or (600 if small else 7200),
@@ -133,25 +161,28 @@ def execute(
         extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no transport warning
     )
     start = time.perf_counter()
-    old_env = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(kernel_env)  # the kernel inherits the client's environment
     try:
-        client.execute()
+        client.execute(env=kernel_env)
     except CellExecutionError as err:
         raise NotebookError(f"{path.name}: {_first_line_of_error(err)}") from err
-    finally:
-        os.environ.clear()
-        os.environ.update(old_env)
+    except (CellTimeoutError, DeadKernelError) as err:
+        raise NotebookError(f"{path.name}: {type(err).__name__}: {err}") from err
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = _merge_streams(cell.outputs)
     nb.metadata["dualflow"] = {
+        "code_sha256": code_digest(nb),
         "small": bool(small),
         "seconds": round(time.perf_counter() - start, 1),
         "executed": datetime.date.today().isoformat(),
     }
     return nb
+
+
+def code_digest(nb: Any) -> str:
+    """sha256 of the notebook's code cells (sources only, in order)."""
+    code = [_source(c) for c in nb["cells"] if c["cell_type"] == "code"]
+    return hashlib.sha256("\n\x00".join(code).encode()).hexdigest()
 
 
 def _merge_streams(outputs: list) -> list:
@@ -189,7 +220,10 @@ def problems(nb: Any, *, require_full_size: bool = True) -> list[str]:
     Checks: the first cell is markdown naming the ``Runtime:`` and ``Time:``;
     the first code cell is exactly :data:`INSTALL_CELL`; every code cell ran,
     with execution counts 1, 2, ... in order; no error output and no traceback
-    on stderr; no absolute path in any output; and (``require_full_size``) the
+    on stderr; no absolute path in any output (common root folders,
+    ``file://`` URIs, drive letters, this machine's home, checkout, Python and
+    temp folders); the code cells unchanged since the run
+    (``metadata.dualflow.code_sha256``); and (``require_full_size``) the
     outputs come from a full-size run unless the first cell says the notebook
     has :data:`NOT_RUN_AT_FULL_SIZE` here.
     """
@@ -223,9 +257,21 @@ def problems(nb: Any, *, require_full_size: bool = True) -> list[str]:
             if out.get("name") == "stderr" and "Traceback" in text:
                 found.append(f"code cell {i} printed a traceback on stderr")
             m = _ABS_PATH.search(text)
-            if m:
-                found.append(f"code cell {i} shows an absolute path: {m.group(0)!r}")
+            local = [p for p in _local_paths() if p in text]
+            if m or local:
+                shown = m.group(0) if m else local[0]
+                found.append(f"code cell {i} shows an absolute path: {shown!r}")
     meta = nb.get("metadata", {}).get("dualflow")
+    if meta is not None and meta.get("code_sha256") not in (None, code_digest(nb)):
+        found.append(
+            "code cells changed after the outputs were made: rerun it with"
+            " scripts/run_notebook.py"
+        )
+    if meta is not None and not meta.get("small") and NOT_RUN_AT_FULL_SIZE in intro:
+        found.append(
+            f"the first cell says it has {NOT_RUN_AT_FULL_SIZE!r}, but the outputs"
+            " come from a full-size run: update the first cell"
+        )
     if require_full_size:
         if meta is None:
             found.append("no metadata.dualflow: run it with scripts/run_notebook.py")

@@ -28,7 +28,7 @@ def _check_readable(path: pathlib.Path) -> None:
     import json
 
     try:
-        nb = json.loads(path.read_text())
+        nb = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         cli.fail(f"notebook {path} does not exist")
     except (OSError, UnicodeDecodeError) as err:
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--write only applies to --small (a full-size run always writes)")
     from dualflow import notebooks
 
-    paths = list(args.notebooks) + (notebooks.notebook_paths() if args.all else [])
+    named = list(args.notebooks) + (notebooks.notebook_paths() if args.all else [])
+    paths = list({p.resolve(): p for p in named}.values())  # each once
     if not paths:
         ap.error("name at least one notebook, or pass --all")
     for path in paths:

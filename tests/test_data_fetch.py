@@ -160,3 +160,19 @@ def test_unwritable_data_dir(tmp_path, monkeypatch):
     with pytest.raises(DataNotFoundError, match="cannot write.*Permission denied"):
         load_uci("yacht", tmp_path / "dd", download=True)
     assert not (tmp_path / "dd").exists()
+
+
+@needs_uci
+def test_a_malformed_split_file_is_caught_before_anything_is_kept(tmp_path, mirror):
+    (mirror / "index_train_3.txt").write_text("12\nabc\n")
+    with pytest.raises(DataError, match=r"index_train_3.txt"):
+        load_uci("yacht", tmp_path / "dd", download=True)
+    assert _left_in(tmp_path / "dd") == []
+
+
+def test_unknown_data_set_is_a_config_error(tmp_path):
+    from dualflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown UCI data set 'housing'"):
+        fetch.fetch_uci("housing", tmp_path)
+    assert _left_in(tmp_path) == []

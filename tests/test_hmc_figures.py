@@ -8,7 +8,7 @@ import types
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,8 +21,6 @@ from dualflow.hmc import (
     regression_potential,
     sample_with_diagnostics,
 )
-
-matplotlib.use("Agg")
 
 RECORD_KEYS = {
     "figure",
@@ -177,7 +175,7 @@ def test_boston_study_and_figure_on_synthetic_data():
         x, study.y_star, study.panels, y_mean=20.0, y_std=5.0, rng=study.rng
     )
     assert len(fig.axes) >= 4
-    matplotlib.pyplot.close(fig)
+    plt.close(fig)
 
 
 def test_mixture_study_and_figure():
@@ -190,7 +188,7 @@ def test_mixture_study_and_figure():
         study.x, study.y, study.model, study.method, study.samples
     )
     assert len(fig.axes) == 2
-    matplotlib.pyplot.close(fig)
+    plt.close(fig)
 
 
 def test_conditional_potential_of_a_sampling_method_is_deterministic():

@@ -11,6 +11,7 @@ itself is tested on notebooks with each defect, and the install cell's logic
 from __future__ import annotations
 
 import copy
+import glob
 import importlib.util
 import json
 import os
@@ -75,7 +76,7 @@ def _good() -> dict:
         }
 
     text = {"output_type": "stream", "name": "stdout", "text": "ok\n"}
-    return {
+    nb = {
         "cells": [
             {"cell_type": "markdown", "source": "# T\n**Runtime:** CPU\n**Time:** 1 s"},
             code(notebooks.INSTALL_CELL, 1, [text]),
@@ -85,6 +86,14 @@ def _good() -> dict:
         ],
         "metadata": {"dualflow": {"small": False, "seconds": 1.0}},
     }
+    nb["metadata"]["dualflow"]["code_sha256"] = notebooks.code_digest(nb)
+    return nb
+
+
+def _set_code(nb: dict, index: int, source: str) -> None:
+    """Edit a code cell as if the notebook had been run with the edit."""
+    nb["cells"][index]["source"] = source
+    nb["metadata"]["dualflow"]["code_sha256"] = notebooks.code_digest(nb)
 
 
 def _broken(edit) -> list[str]:
@@ -104,7 +113,7 @@ def test_a_good_notebook_has_no_problems():
         (lambda nb: nb["cells"][0].update(source="# T\n**Runtime:** x"), "time"),
         (lambda nb: nb["cells"].pop(0), "first cell is not a markdown"),
         (
-            lambda nb: nb["cells"][1].update(source=notebooks.INSTALL_CELL + "\n# x"),
+            lambda nb: _set_code(nb, 1, notebooks.INSTALL_CELL + "\n# x"),
             "INSTALL_CELL",
         ),
         (lambda nb: nb["cells"][2].update(execution_count=None), "execution counts"),
@@ -152,6 +161,36 @@ def test_a_good_notebook_has_no_problems():
                 {"output_type": "stream", "name": "stdout", "text": "in C:\\Users\\me"}
             ),
             "absolute path",
+        ),
+        (
+            lambda nb: nb["cells"][4]["outputs"].append(
+                {
+                    "output_type": "stream",
+                    "name": "stdout",
+                    "text": "see file:///x/y.png",
+                }
+            ),
+            "absolute path: 'file:///x/y.png'",
+        ),
+        (
+            lambda nb: nb["cells"][4]["outputs"].append(
+                {"output_type": "stream", "name": "stdout", "text": "at /data/set/a"}
+            ),
+            "absolute path: '/data/set/a'",
+        ),
+        (
+            lambda nb: nb["cells"][4]["outputs"].append(
+                {"output_type": "stream", "name": "stdout", "text": f"in {sys.prefix}"}
+            ),
+            "absolute path",
+        ),
+        (lambda nb: nb["cells"][2].update(source="x = 2"), "code cells changed"),
+        (
+            lambda nb: nb["cells"][0].update(
+                source=nb["cells"][0]["source"]
+                + f" It has {notebooks.NOT_RUN_AT_FULL_SIZE} here."
+            ),
+            "update the first cell",
         ),
         (lambda nb: nb["metadata"].pop("dualflow"), "no metadata.dualflow"),
         (lambda nb: nb["metadata"]["dualflow"].update(small=True), "SMALL run"),
@@ -211,11 +250,23 @@ def _run_install_cell(monkeypatch, tmp_path, *, cwd, installed, gpu=False, tpu=F
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
     real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *a):
+        if name == "dualflow" and not installed or name == "libtpu":
+            return None
+        return real_find_spec(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    real_glob = glob.glob
     monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: (
-            None if name == "dualflow" and not installed else real_find_spec(name, *a)
+        glob,
+        "glob",
+        lambda pat, *a, **k: (
+            ["/dev/accel0"]
+            if tpu and pat == "/dev/accel*"
+            else []
+            if pat.startswith("/dev/")
+            else real_glob(pat, *a, **k)
         ),
     )
     bin_dir = tmp_path / "bin"
@@ -224,9 +275,6 @@ def _run_install_cell(monkeypatch, tmp_path, *, cwd, installed, gpu=False, tpu=F
         (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n")
         (bin_dir / "nvidia-smi").chmod(0o755)
     monkeypatch.setenv("PATH", str(bin_dir))
-    monkeypatch.delenv("COLAB_TPU_ADDR", raising=False)
-    if tpu:
-        monkeypatch.setenv("COLAB_TPU_ADDR", "10.0.0.2:8470")
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("SMALL", "1")
@@ -243,11 +291,17 @@ def test_install_cell_does_nothing_when_dualflow_is_importable(monkeypatch, tmp_
     assert _run_install_cell(monkeypatch, tmp_path, cwd=tmp_path, installed=True) == []
 
 
-def test_install_cell_in_a_clone_installs_it_editable(monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    "gpu, tpu, extra",
+    [(False, False, ""), (True, False, "[cuda]"), (False, True, "[tpu]")],
+)
+def test_install_cell_in_a_clone_installs_it_editable(
+    monkeypatch, tmp_path, gpu, tpu, extra
+):
     calls = _run_install_cell(
-        monkeypatch, tmp_path, cwd=ROOT / "notebooks", installed=False
+        monkeypatch, tmp_path, cwd=ROOT / "notebooks", installed=False, gpu=gpu, tpu=tpu
     )
-    assert calls == [[*PIP, "-e", str(ROOT)]]
+    assert calls == [[*PIP, "-e", f"{ROOT}{extra}"]]
     assert sys.path[0] == str(ROOT)
 
 
@@ -266,8 +320,25 @@ def test_install_cell_outside_a_clone_installs_from_the_repository(
     ]
 
 
+def test_repo_url_is_the_project_repository():
+    """The install cell, the Colab links and pyproject's address agree."""
+    import tomllib
+
+    url = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
+    assert f'REPO_URL = "{url["Repository"]}"' in notebooks.INSTALL_CELL
+    assert url["Repository"] == "https://github.com/dualflow/dualflow"
+
+
 def test_small_switch_reads_the_environment(monkeypatch):
-    for value, small in [("1", True), ("0", False), ("", False), ("yes", True)]:
+    for value, small in [
+        ("1", True),
+        ("yes", True),
+        ("0", False),
+        ("", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+    ]:
         monkeypatch.setenv("SMALL", value)
         namespace: dict = {}
         exec(compile(notebooks.INSTALL_CELL, "<install cell>", "exec"), namespace)  # noqa: S102

@@ -24,11 +24,12 @@ import shutil
 import sys
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
-from dualflow.errors import DataError, DataNotFoundError
+from dualflow.errors import ConfigError, DataError, DataNotFoundError
 
 __all__ = [
     "UCI_BASE_URL",
@@ -90,7 +91,13 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "dualflow"
 
 
-def fetch_uci(name: str, root: str | os.PathLike, *, progress: bool = True) -> Path:
+def fetch_uci(
+    name: str,
+    root: str | os.PathLike,
+    *,
+    progress: bool = True,
+    validate: Callable[[Path], object] | None = None,
+) -> Path:
     """Download data set ``name`` into ``<root>/<name>/`` and return that folder.
 
     ``root`` is the ``uci`` folder of a data directory; it is created if needed.
@@ -104,8 +111,16 @@ def fetch_uci(name: str, root: str | os.PathLike, *, progress: bool = True) -> P
         names the file and says where to put the files by hand.
       DataError: ``data.txt`` does not match its pinned sha256 digest, or
         ``n_splits.txt`` is not one positive integer.
-    In both cases neither ``<root>/<name>/`` nor a temporary folder is left.
+    ``validate(folder)``, if given, runs on the complete download before it is
+    renamed into place (``load_uci`` passes its own checks of every file); what
+    it raises propagates, and nothing is kept.
+    In every case of failure neither ``<root>/<name>/`` nor a temporary folder
+    is left.
     """
+    if name not in UCI_SOURCE_NAMES:
+        raise ConfigError(
+            f"unknown UCI data set {name!r}; choose from {', '.join(UCI_SOURCE_NAMES)}."
+        )
     root = Path(root)
     target = root / name
     created = [d for d in (root, *root.parents) if not d.exists()]
@@ -113,6 +128,8 @@ def fetch_uci(name: str, root: str | os.PathLike, *, progress: bool = True) -> P
     try:
         tmp = _make_temp_folder(name, root)
         _download_all(name, tmp, progress)
+        if validate is not None:
+            validate(tmp)
         _move_into_place(tmp, target)
     except BaseException:
         if tmp is not None:
@@ -152,6 +169,7 @@ def _download_all(name: str, folder: Path, progress: bool) -> None:
         _check_digest(name, folder / "data.txt")
         n_splits = _read_n_splits(name, folder / "n_splits.txt")
         bar.total += 2 * n_splits
+        bar.refresh()
         for k in range(n_splits):
             for fname in (f"index_train_{k}.txt", f"index_test_{k}.txt"):
                 _download(name, fname, folder)
@@ -216,7 +234,11 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     there first, keep its copy and drop ours."""
     try:
         os.rename(tmp, target)
-    except OSError:
+    except OSError as err:
         if not target.is_dir():
-            raise
+            raise DataNotFoundError(
+                f"cannot move the download into {target} ({err.strerror or err});"
+                " remove what is there, or point data_dir / DUALFLOW_DATA_DIR"
+                " elsewhere."
+            ) from err
         shutil.rmtree(tmp, ignore_errors=True)

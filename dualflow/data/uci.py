@@ -174,8 +174,12 @@ def load_uci(
     if download:
         base = resolve_data_dir(data_dir) or default_cache_dir()
         folder = base / "uci" / name
-        if not folder.is_dir():
-            fetch_uci(name, folder.parent)
+        if not folder.is_dir():  # every file checked before it is kept
+            fetch_uci(
+                name,
+                folder.parent,
+                validate=lambda tmp: _load.__wrapped__(str(tmp), name, ()),
+            )
     else:
         folder = _uci_root(data_dir) / name
     folder = folder.resolve() if folder.exists() else folder
