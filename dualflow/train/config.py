@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.natural_gradient = False  # dualflow.optim.natural_gradient first
     c.optimizer.ng_damping = 0.0
     c.optimizer.ng_variance_update = "app_d"  # or "fixed_point" (see natural_gradient)
+    # rate of the leaves without a variance partner (normalisation-free gains, BN)
+    # under the natural gradient; 0 = optimizer.lr.  apply_method_row keeps the
+    # recipe's rate here when it raises optimizer.lr to the natural-gradient rate.
+    c.optimizer.ng_other_lr = 0.0
     c.optimizer.grad_clip = 0.0  # global-norm clipping of the update (0 = off)
 
     c.schedule = ml_collections.ConfigDict()
@@ -123,7 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 0  # steps between evaluations (0 = once per epoch)
     c.train.checkpoint_every = 0  # steps between checkpoints (0 = once per epoch)
     c.train.keep_checkpoints = 3
-    c.train.eval_batch_size = 500
+    c.train.eval_batch_size = 512  # divisible by 8 devices (v2-8/v3-8 TPU)
     c.train.eval_samples = 16  # predictive samples of sampling methods
     c.train.progress = True
     c.train.plot = True
@@ -177,7 +181,7 @@ def image_recipe(
         c.augment.cutmix_alpha = 1.0
     c.train.batch_size = batch_size
     c.train.num_epochs = num_epochs
-    c.train.eval_batch_size = 500
+    c.train.eval_batch_size = 512  # divisible by 8 devices (v2-8/v3-8 TPU)
     return c
 
 
@@ -225,7 +229,10 @@ def apply_method_row(
     Natural-gradient rows use ``ng_lr`` as the learning rate (the natural
     gradient scales mean gradients by the tiny weight variances, so its rate is
     orders of magnitude above SGD's) and no weight decay (the KL is the
-    regulariser of variational methods).
+    regulariser of variational methods).  Leaves without a variance partner
+    (the residual gains of normalisation-free networks) are not
+    preconditioned, so they keep the recipe's rate (``optimizer.ng_other_lr``):
+    at the natural-gradient rate they would diverge within a few steps.
     """
     if row not in METHOD_ROWS:
         raise ConfigError(f"method row {row!r} is not one of {sorted(METHOD_ROWS)}.")
@@ -239,6 +246,7 @@ def apply_method_row(
     if cfg.method.name != "deterministic":
         cfg.optimizer.weight_decay = 0.0
     if cfg.optimizer.natural_gradient and ng_lr is not None:
+        cfg.optimizer.ng_other_lr = cfg.optimizer.lr  # unpaired leaves keep it
         cfg.optimizer.lr = ng_lr
     cfg.row = row
     return cfg
@@ -341,6 +349,7 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     _positive(cfg, "optimizer.weight_decay", zero_ok=True)
     _positive(cfg, "optimizer.grad_clip", zero_ok=True)
     _positive(cfg, "optimizer.ng_damping", zero_ok=True)
+    _positive(cfg, "optimizer.ng_other_lr", zero_ok=True)
     _choice(cfg, "schedule.name", ("cosine", "constant"))
     _positive(cfg, "schedule.warmup_steps", zero_ok=True)
     _positive(cfg, "schedule.end_factor", zero_ok=True)

@@ -57,8 +57,12 @@ class InterruptGuard:
         self._notice = first_notice
         self._sockets: tuple[socket.socket, socket.socket] | None = None
         self._old_wakeup = -1
+        self._exiting = threading.Lock()
 
     def _hard_exit(self) -> None:
+        # The handler (main thread) and the watcher thread may both get here;
+        # the second one waits on the lock until the process is gone.
+        self._exiting.acquire()
         os.write(2, (self._second + "\n").encode())  # no buffered, reentrant I/O
         os._exit(130)
 
@@ -68,8 +72,10 @@ class InterruptGuard:
             self.requested = name
             if self._notice:  # long units of work: say that the signal was heard
                 os.write(2, f"{name}: {self._notice}\n".encode())
-        elif name == self.requested and self._sockets is None:
-            self._hard_exit()  # no watcher thread: the handler decides
+        elif name == self.requested:
+            # at once when the main thread runs Python; the watcher thread
+            # covers a main thread stuck in a long C call (an XLA compile)
+            self._hard_exit()
 
     def _watch(self, reader: socket.socket) -> None:
         counts: dict[int, int] = {}

@@ -72,13 +72,18 @@ from dualflow.train.timing import summarize as timing_summary
 from dualflow.train.workdir import WorkdirLock, archive_outputs
 
 __all__ = [
+    "METRIC_NAMES",
+    "BareStep",
     "TrainState",
+    "build_train_step",
+    "init_train_state",
     "kl_weight_at",
     "load_data",
     "make_mesh",
     "make_model",
     "make_optimizer",
     "make_schedule",
+    "time_train_step",
     "train_and_evaluate",
 ]
 
@@ -169,6 +174,14 @@ def _decay_mask(params):
     return jax.tree.map(lambda label: label != "variance", mean_variance_labels(params))
 
 
+def _ng_labels(params):
+    """``"ng"`` for the leaves of mean/variance pairs, ``"other"`` for the rest."""
+    return jax.tree.map(
+        lambda label: "other" if label == "other" else "ng",
+        mean_variance_labels(params),
+    )
+
+
 def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
     """``[weight decay] -> [natural_gradient] -> [clip] -> sgd | adam | adamw``.
 
@@ -176,14 +189,40 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
     so the natural gradient (App. D of the duality paper) preconditions it like
     the rest of the loss; the natural gradient sees both leaves of each
     mean/variance pair; clipping bounds the preconditioned update's global
-    norm.  ``adamw`` applies its decoupled decay itself.
+    norm.  ``adamw`` applies its decoupled decay itself.  With the natural
+    gradient, leaves without a variance partner (normalisation-free gains, BN
+    parameters) get the same chain without it, at ``optimizer.ng_other_lr``
+    (same schedule shape; ``0`` = ``optimizer.lr``): unpreconditioned, the
+    natural-gradient rate would be orders of magnitude too large for them.
     """
+    o = cfg.optimizer
+    if not o.natural_gradient:
+        return _optimizer_chain(cfg, schedule, natural=False)
+    other_lr = float(o.get("ng_other_lr", 0.0)) or float(o.lr)
+    scale = other_lr / float(o.lr)
+
+    def other_schedule(step):
+        return schedule(step) * scale
+
+    return optax.partition(
+        {
+            "ng": _optimizer_chain(cfg, schedule, natural=True),
+            "other": _optimizer_chain(cfg, other_schedule, natural=False),
+        },
+        _ng_labels,
+    )
+
+
+def _optimizer_chain(
+    cfg, schedule: optax.Schedule, *, natural: bool
+) -> optax.GradientTransformation:
+    """One ``[decay] -> [natural gradient] -> [clip] -> optimiser`` chain."""
     o = cfg.optimizer
     parts = []
     wd = float(o.weight_decay)
     if wd and o.name != "adamw":  # an L2 term of the loss: preconditioned by NG
         parts.append(optax.add_decayed_weights(wd, mask=_decay_mask))
-    if o.natural_gradient:
+    if natural:
         parts.append(
             natural_gradient(
                 damping=float(o.ng_damping),
@@ -286,6 +325,74 @@ def make_model(cfg, dataset: str, method: Method) -> nnx.Module:
     return factory(nnx.Rngs(int(cfg.seed)))
 
 
+#: training metrics summed on the device between log records
+METRIC_NAMES = ("loss", "nll", "kl", "kl_weight", "lr", "grad_norm")
+
+
+def init_train_state(
+    params: Any, rest: Any, tx: optax.GradientTransformation, sharding
+) -> TrainState:
+    """Step 0 of a run: ``params``/``rest`` of ``nnx.split(model, nnx.Param,
+    ...)``, a fresh optimiser state and zero metric sums, placed by
+    ``sharding`` (the trainer replicates the state over its mesh)."""
+    state = TrainState(
+        jnp.zeros((), jnp.int32),
+        params,
+        rest,
+        tx.init(params),
+        {k: jnp.zeros((), jnp.float32) for k in METRIC_NAMES},  # distinct buffers
+    )
+    return jax.device_put(state, sharding)
+
+
+def build_train_step(
+    cfg,
+    graphdef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    method: Method,
+    likelihood: Likelihood,
+    n_data: int,
+    sharding,
+) -> Callable[[TrainState, jax.Array, jax.Array], TrainState]:
+    """The trainer's jitted ``step(state, x, y) -> state``: objective and
+    gradient at the step's key and KL weight, optimiser update, metric sums.
+
+    ``state`` is donated; the new state is placed by ``sharding`` (replicated
+    over the mesh; ``x``, ``y`` come sharded on its ``data`` axis).  Benchmarks
+    (``scripts/bench_train.py``, ``scripts/bench_device.py``) time this
+    function, so their figures are the trainer's."""
+    loss_fn = make_loss_fn(
+        graphdef, method=method, likelihood=likelihood, n_data=n_data
+    )
+    # training keys: a stream of their own (not nnx.Rngs(seed)'s init keys)
+    base_key = jax.random.fold_in(jax.random.key(int(cfg.seed)), 0x7A1)
+    members = method.ensemble_size if method.name == "ensemble" else 1
+
+    def train_step(state: TrainState, x, y):
+        key = jax.random.fold_in(base_key, state.step)
+        beta = kl_weight_at(cfg, state.step)
+        (loss, (parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.rest, x, y, key, beta
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        out = {
+            # ensembles: the objective sums members (each gets its own full
+            # gradient); log the member mean, comparable to other methods
+            "loss": loss / members,
+            **parts,
+            "kl_weight": beta,
+            "lr": schedule(state.step),
+            "grad_norm": optax.tree.norm(grads),
+        }
+        sums = {k: state.metric_sums[k] + jnp.asarray(out[k], jnp.float32) for k in out}
+        return TrainState(state.step + 1, params, rest, opt_state, sums)
+
+    return jax.jit(train_step, donate_argnums=0, out_shardings=sharding)
+
+
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(old) | set(new))
     out = []
@@ -317,7 +424,9 @@ def train_and_evaluate(
     """Train as ``cfg`` says, resuming from ``workdir``; return the summary.
 
     ``on_step(step)`` is called after each update (tests use it to interrupt a
-    run).  Raises :class:`ConfigError` for an invalid config (before loading
+    run; at log, evaluation and checkpoint steps its time is not counted as
+    training time, so ``scripts/bench_train.py`` times the bare step there).
+    Raises :class:`ConfigError` for an invalid config (before loading
     anything), ``DataNotFoundError``/``DataError`` for missing or malformed
     data, :class:`~dualflow.errors.CheckpointError` when the workdir holds
     checkpoints none of which can be restored, ``DivergenceError`` when the
@@ -334,6 +443,50 @@ def train_and_evaluate(
             return run.execute(on_step)
 
 
+class BareStep:
+    """The trainer's jitted step alone, for timing against the loop.
+
+    The run's own step (:func:`build_train_step`), state and first batch,
+    built as :func:`train_and_evaluate` builds them (nothing is written), on
+    the device; construction compiles the step.  :meth:`burst` times
+    back-to-back calls on the device-resident batch ended by one device sync,
+    like the trainer's timing windows, so against the trainer's
+    ``seconds_per_step`` it isolates the loop's own cost."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict):
+        self._run = _Run(cfg, ".", time.time(), guard=None)
+        self._xy = to_global(self._run.mesh, *self._run.batches(0))
+        precision = cfg.get("precision", "")
+        self._precision = precision
+        with self._context():
+            self._state = self._run.train_step(self._run.state, *self._xy)
+            jax.block_until_ready(self._state)
+
+    def _context(self):
+        p = self._precision
+        return jax.default_matmul_precision(p) if p else nullcontext()
+
+    def burst(self, steps: int = 20) -> float:
+        """Seconds per step of ``steps`` back-to-back calls."""
+        step, state = self._run.train_step, self._state
+        with self._context():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                state = step(state, *self._xy)
+            jax.block_until_ready(state)
+        self._state = state
+        return (time.perf_counter() - t0) / steps
+
+
+def time_train_step(
+    cfg: ml_collections.ConfigDict, *, steps: int = 20, repeats: int = 5
+) -> float:
+    """Median seconds per step of :class:`BareStep` bursts (one untimed)."""
+    bare = BareStep(cfg)
+    bare.burst(steps)
+    return float(np.median([bare.burst(steps) for _ in range(repeats)]))
+
+
 def _all_finite(state: TrainState) -> jax.Array:
     """True iff every float leaf of the state is finite (one fused reduction)."""
     leaves = [
@@ -347,7 +500,7 @@ def _all_finite(state: TrainState) -> jax.Array:
 class _Run:
     """One invocation of a training run (setup, resume, loop, summary)."""
 
-    def __init__(self, cfg, workdir, t_start: float, guard: InterruptGuard):
+    def __init__(self, cfg, workdir, t_start: float, guard: InterruptGuard | None):
         self.cfg, self.t_start, self.guard = cfg, t_start, guard
         if cfg.mesh.distributed and not jax.distributed.is_initialized():
             jax.distributed.initialize()  # before anything else touches JAX
@@ -418,56 +571,21 @@ class _Run:
         self.schedule = make_schedule(cfg, self.total_steps)
         self.tx = make_optimizer(cfg, self.schedule)
         self.replicated = NamedSharding(self.mesh, P())
-        metric_names = ("loss", "nll", "kl", "kl_weight", "lr", "grad_norm")
-        state = TrainState(
-            jnp.zeros((), jnp.int32),
-            params,
-            rest,
-            self.tx.init(params),
-            {k: jnp.zeros((), jnp.float32) for k in metric_names},  # distinct buffers
+        self.state = init_train_state(params, rest, self.tx, self.replicated)
+        self.train_step = build_train_step(
+            cfg,
+            self.graphdef,
+            self.tx,
+            self.schedule,
+            method=self.method,
+            likelihood=self.likelihood,
+            n_data=self.n_train,
+            sharding=self.replicated,
         )
-        self.state = jax.device_put(state, self.replicated)
-        self.train_step = self._make_train_step()
         self._all_finite = jax.jit(_all_finite)
         self.evaluate = _make_evaluator(
             cfg, self.mesh, self.graphdef, self.method, self.likelihood, self.normalizer
         )
-
-    def _make_train_step(self):
-        cfg, tx, schedule = self.cfg, self.tx, self.schedule
-        loss_fn = make_loss_fn(
-            self.graphdef,
-            method=self.method,
-            likelihood=self.likelihood,
-            n_data=self.n_train,
-        )
-        # training keys: a stream of their own (not nnx.Rngs(seed)'s init keys)
-        base_key = jax.random.fold_in(jax.random.key(int(cfg.seed)), 0x7A1)
-        members = self.method.ensemble_size if self.method.name == "ensemble" else 1
-
-        def train_step(state: TrainState, x, y):
-            key = jax.random.fold_in(base_key, state.step)
-            beta = kl_weight_at(cfg, state.step)
-            (loss, (parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params, state.rest, x, y, key, beta
-            )
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            out = {
-                # ensembles: the objective sums members (each gets its own full
-                # gradient); log the member mean, comparable to other methods
-                "loss": loss / members,
-                **parts,
-                "kl_weight": beta,
-                "lr": schedule(state.step),
-                "grad_norm": optax.tree.norm(grads),
-            }
-            sums = {
-                k: state.metric_sums[k] + jnp.asarray(out[k], jnp.float32) for k in out
-            }
-            return TrainState(state.step + 1, params, rest, opt_state, sums)
-
-        return jax.jit(train_step, donate_argnums=0, out_shardings=self.replicated)
 
     # ---- resume -----------------------------------------------------------
     def _resume(self) -> int:
@@ -648,6 +766,11 @@ class _Run:
             r.get("kind") == "eval" and r.get("step") == step for r in self.records
         )
 
+    def _device_batch(self, step: int) -> tuple[jax.Array, jax.Array]:
+        """Batch ``step`` on the mesh: made and transferred in the prefetch
+        thread, so the host-to-device copy overlaps the previous step."""
+        return to_global(self.mesh, *self.batches(step))
+
     def _train(self, start: int, bar, log_path: Path, on_step) -> None:
         # speed: training time only (evaluation and saving excluded); each
         # window ends with a host read of the metric sums, which waits for the
@@ -655,8 +778,8 @@ class _Run:
         window_time, window_steps = 0.0, 0
         t_mark = time.time()
         inject("compile")
-        for step, (xb, yb) in prefetch(self.batches, range(start, self.total_steps)):
-            x, y = to_global(self.mesh, xb, yb)
+        steps = range(start, self.total_steps)
+        for step, (x, y) in prefetch(self._device_batch, steps):
             self.state = self.train_step(self.state, x, y)
             done = step + 1
             inject("step", done)  # test hook: a signal arriving during the step
@@ -680,10 +803,10 @@ class _Run:
                 self._save()
             if stop or (self.guard.requested and jax.process_count() == 1):
                 self._interrupt(done)  # a signal during the evaluation or save
+            if on_step is not None:
+                on_step(done)  # at a window's end: off the clock
             if log_now or eval_now or ckpt_now:
                 t_mark = time.time()
-            if on_step is not None:
-                on_step(done)
 
     def _log(self, done, window_steps, window_time, bar, log_path) -> None:
         sums = jax.device_get(self.state.metric_sums)
@@ -913,14 +1036,12 @@ def _title(s: dict) -> str:
 
 def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
     """Training loss, test NLL and test accuracy against steps (PNG, atomic)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves its backend alone
 
     tr = [r for r in records if r.get("kind") == "train"]
     ev = [r for r in records if r.get("kind") == "eval"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     ax = axes[0]
     ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="loss")
     ax.plot([r["step"] for r in tr], [r["nll"] for r in tr], label="train NLL")
@@ -942,5 +1063,4 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, path)
