@@ -534,8 +534,9 @@ def test_quick_composes_with_explicit_fields():
     assert cfg["datasets"] == "yacht" and cfg["methods"] == "bp"
     assert cfg["max_steps"] == 7 and cfg["splits"] == QUICK["splits"]
     assert set(applied) == set(QUICK) - {"datasets", "methods", "max_steps"}
-    text = (ROOT / "configs" / "uci.py").read_text()
-    assert "boston/energy/yacht" in text and "concrete" not in text  # docs == QUICK
+    text = (ROOT / "dualflow" / "benchmarks" / "uci.py").read_text()
+    quick_doc = next(ln for ln in text.splitlines() if "c.quick = False" in ln)
+    assert "boston/energy/yacht" in quick_doc and "concrete" not in quick_doc
     assert QUICK["datasets"] == "boston,energy,yacht"
 
 
