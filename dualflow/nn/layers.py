@@ -513,8 +513,10 @@ class Flatten(nnx.Module):
     """``[N, ...] -> [N, prod(...)]``."""
 
     def __call__(self, x, ctx: Context):
-        if ctx.name == "bp":
+        if isinstance(x, Gaussian):  # only under bp
             return moments.flatten(x)
+        # a point stays an array under bp too, so that the next weight layer
+        # skips its zero-variance product (dualflow.moments.bilinear_moments)
         return _point(x, "Flatten").reshape(x.shape[0], -1)
 
 
