@@ -249,6 +249,7 @@ def problems(nb: Any, *, require_full_size: bool = True) -> list[str]:
     counts = [c.get("execution_count") for c in code]
     if counts != list(range(1, len(code) + 1)):
         found.append(f"execution counts are {counts}, not 1..{len(code)} in order")
+    own_folders = _local_paths()
     for i, cell in enumerate(code, 1):
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
@@ -257,7 +258,7 @@ def problems(nb: Any, *, require_full_size: bool = True) -> list[str]:
             if out.get("name") == "stderr" and "Traceback" in text:
                 found.append(f"code cell {i} printed a traceback on stderr")
             m = _ABS_PATH.search(text)
-            local = [p for p in _local_paths() if p in text]
+            local = [p for p in own_folders if p in text]
             if m or local:
                 shown = m.group(0) if m else local[0]
                 found.append(f"code cell {i} shows an absolute path: {shown!r}")

@@ -137,32 +137,6 @@ def row_config(row: str, settings: BenchSettings, repo: str):
     return cfg
 
 
-def _make_model(cfg, method, depth: int, width: int) -> nnx.Module:
-    """``trainer.make_model`` for WRN-``depth``-``width`` (stacked members for
-    an ensemble row)."""
-    from dualflow.models.wrn import wide_resnet
-    from dualflow.nn.methods import make_ensemble
-    from dualflow.train.config import _model_norm
-    from dualflow.train.trainer import model_kwargs
-
-    kwargs, norm = model_kwargs(cfg), _model_norm(cfg)
-
-    def factory(rngs: nnx.Rngs) -> nnx.Module:
-        return wide_resnet(
-            depth,
-            width,
-            num_classes=_NUM_CLASSES,
-            in_channels=_IMAGE[-1],
-            norm=norm,
-            rngs=rngs,
-            **kwargs,
-        )
-
-    if method.name == "ensemble":
-        return make_ensemble(factory, method.ensemble_size, seed=int(cfg.seed))
-    return factory(nnx.Rngs(int(cfg.seed)))
-
-
 def synthetic_batches(mesh, batch: int, count: int = 2, seed: int = 0) -> list[tuple]:
     """``count`` CIFAR-100-shaped batches on the mesh (images standardised
     normal, soft labels mixing two classes like mixup/CutMix)."""
@@ -233,7 +207,11 @@ def _build_row(row: str, settings: BenchSettings, mesh, repo: str):
 
     cfg = row_config(row, settings, repo)
     method = T.method_from_config(cfg)
-    model = _make_model(cfg, method, settings.depth, settings.width)
+    # the registry's generic WRN at the benchmark's size (stacked members for
+    # an ensemble row), built exactly as the trainer builds its model
+    cfg.model.name = "wrn"
+    cfg.model.kwargs.depth, cfg.model.kwargs.width = settings.depth, settings.width
+    model = T.make_model(cfg, "cifar100", method)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
     total = int(cfg.train.num_epochs) * (_N_TRAIN // int(cfg.train.batch_size))

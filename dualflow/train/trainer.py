@@ -438,9 +438,14 @@ def train_and_evaluate(
     t_start = time.time()
     with InterruptGuard() as guard:
         run = _Run(cfg, workdir, t_start, guard)  # validates cfg.precision too
-        precision = cfg.get("precision", "")
-        with jax.default_matmul_precision(precision) if precision else nullcontext():
+        with _precision_context(cfg):
             return run.execute(on_step)
+
+
+def _precision_context(cfg):
+    """``jax.default_matmul_precision(config.precision)``; ``""``: JAX's own."""
+    precision = cfg.get("precision", "")
+    return jax.default_matmul_precision(precision) if precision else nullcontext()
 
 
 class BareStep:
@@ -456,20 +461,14 @@ class BareStep:
     def __init__(self, cfg: ml_collections.ConfigDict):
         self._run = _Run(cfg, ".", time.time(), guard=None)
         self._xy = to_global(self._run.mesh, *self._run.batches(0))
-        precision = cfg.get("precision", "")
-        self._precision = precision
-        with self._context():
+        with _precision_context(cfg):
             self._state = self._run.train_step(self._run.state, *self._xy)
             jax.block_until_ready(self._state)
-
-    def _context(self):
-        p = self._precision
-        return jax.default_matmul_precision(p) if p else nullcontext()
 
     def burst(self, steps: int = 20) -> float:
         """Seconds per step of ``steps`` back-to-back calls."""
         step, state = self._run.train_step, self._state
-        with self._context():
+        with _precision_context(self._run.cfg):
             t0 = time.perf_counter()
             for _ in range(steps):
                 state = step(state, *self._xy)
