@@ -142,3 +142,58 @@ def test_trainer_refuses_an_unknown_precision(tmp_path):
     with pytest.raises(ConfigError, match=r"config.precision='fastest' is not one of"):
         train_and_evaluate(tiny_config(precision="fastest"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_trainer_bf16_compute_sets_the_compute_dtype_not_jax_precision(
+    tmp_path, monkeypatch
+):
+    """``config.precision="bf16_compute"`` cannot be expressed as a
+    ``jax.default_matmul_precision``: the trainer enters the moment layers'
+    compute-dtype context instead, for the run only, and the steps it traces
+    use the bfloat16 products."""
+    from test_train import tiny_config
+
+    from dualflow.moments import linear
+    from dualflow.train import train_and_evaluate
+
+    traced = []
+    reduced = linear._Matmul._reduced
+
+    def spy(self, x, w):
+        traced.append((str(x.dtype), str(w.dtype)))
+        return reduced(self, x, w)
+
+    monkeypatch.setattr(linear._Matmul, "_reduced", spy)
+    seen = []
+
+    def on_step(step):
+        seen.append((moments.compute_dtype(), jax.config.jax_default_matmul_precision))
+
+    cfg = tiny_config(precision="bf16_compute", train__num_steps=2, train__eval_every=2)
+    train_and_evaluate(cfg, tmp_path / "run", on_step=on_step)
+    assert seen == [("bfloat16", None)] * 2
+    assert moments.compute_dtype() is None  # restored afterwards
+    assert traced and set(traced) == {("float32", "float32")}  # cast inside
+
+
+@pytest.mark.parametrize(
+    "name, compute, jax_precision",
+    [
+        ("", None, None),
+        ("highest", None, "highest"),
+        ("bf16_compute", "bfloat16", None),
+    ],
+)
+def test_precision_context(name, compute, jax_precision):
+    with moments.precision_context(name):
+        assert moments.compute_dtype() == compute
+        assert jax.config.jax_default_matmul_precision == jax_precision
+    assert moments.compute_dtype() is None
+    assert jax.config.jax_default_matmul_precision is None
+
+
+def test_precision_context_refuses_unknown_names():
+    with pytest.raises(
+        ValueError, match=r"precision 'fp8' is not one of .*bf16_compute"
+    ):
+        moments.precision_context("fp8")

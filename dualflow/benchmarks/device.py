@@ -37,7 +37,6 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import jax
@@ -47,6 +46,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dualflow.errors import ConfigError
+from dualflow.moments.linear import precision_context
 
 __all__ = [
     "ROWS",
@@ -255,8 +255,7 @@ def measure_row(row: str, settings: BenchSettings, mesh, repo: str, budget: floa
     deadline = time.perf_counter() + budget
     cfg, state, step = _build_row(row, settings, mesh, repo)
     batches = synthetic_batches(mesh, settings.batch, seed=int(cfg.seed))
-    precision = cfg.get("precision", "")
-    with jax.default_matmul_precision(precision) if precision else nullcontext():
+    with precision_context(cfg.get("precision", "")):
         t0 = time.perf_counter()
         compiled = step.lower(state, *batches[0]).compile()
         compile_s = time.perf_counter() - t0

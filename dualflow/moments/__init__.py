@@ -35,11 +35,18 @@ from dualflow.moments.combine import (
     transpose,
 )
 from dualflow.moments.linear import (
+    COMPUTE_PRECISIONS,
+    JAX_PRECISIONS,
     PRECISIONS,
     bilinear_moments,
     canonical_precision,
+    compute_dtype,
     conv,
     dense,
+    precision_context,
+    product_settings,
+    set_compute_dtype,
+    using_compute_dtype,
 )
 from dualflow.moments.pooling import avg_pool, global_avg_pool, max_pool
 from dualflow.moments.recurrent import indrnn, kalman_update, simple_rnn
@@ -47,6 +54,8 @@ from dualflow.moments.recurrent import indrnn, kalman_update, simple_rnn
 __all__ = [
     "ACTIVATIONS",
     "BACKWARDS",
+    "COMPUTE_PRECISIONS",
+    "JAX_PRECISIONS",
     "MODES",
     "PRECISIONS",
     "activation",
@@ -55,6 +64,7 @@ __all__ = [
     "bernoulli_dropout",
     "bilinear_moments",
     "canonical_precision",
+    "compute_dtype",
     "concatenate",
     "conv",
     "dense",
@@ -69,15 +79,19 @@ __all__ = [
     "leaky_relu",
     "max_pool",
     "multiply",
+    "precision_context",
     "probit",
+    "product_settings",
     "relu",
     "reshape",
     "resize",
     "scale",
+    "set_compute_dtype",
     "sigmoid",
     "silu",
     "simple_rnn",
     "softplus",
     "tanh",
     "transpose",
+    "using_compute_dtype",
 ]

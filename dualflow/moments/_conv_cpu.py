@@ -135,9 +135,12 @@ def conv_general_dilated(
     dimension_numbers: Any = None,
     feature_group_count: int = 1,
     precision: lax.Precision | None = None,
+    preferred_element_type: Any = None,
 ) -> Array:
     """``lax.conv_general_dilated`` (same arguments and result), computed by
-    :func:`im2col_conv` where the current setting says so (module doc)."""
+    :func:`im2col_conv` where the current setting says so (module doc).
+    ``preferred_element_type`` (e.g. float32 for bfloat16 operands) reaches the
+    lax conv or the im2col ``dot_general`` alike."""
     kw = dict(
         window_strides=tuple(window_strides),
         padding=padding,
@@ -145,6 +148,7 @@ def conv_general_dilated(
         dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count,
         precision=precision,
+        preferred_element_type=preferred_element_type,
     )
     if _im2col_applies(x.ndim - 2, lhs_dilation, feature_group_count):
         out = im2col_conv(x, w, **kw)
@@ -206,6 +210,7 @@ def im2col_conv(
     dimension_numbers: Any = None,
     feature_group_count: int = 1,
     precision: lax.Precision | None = None,
+    preferred_element_type: Any = None,
 ) -> Array | None:
     """Convolution by patches + ``dot_general`` (no input dilation).
 
@@ -225,27 +230,33 @@ def im2col_conv(
     pt = _patches(xc, ks, window_strides, dil, pads)
     if pt is None:
         return None
-    out = _contract(pt, wc, feature_group_count, precision)
+    out = _contract(pt, wc, feature_group_count, precision, preferred_element_type)
     perm = (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1])
     return jnp.transpose(out, tuple(np.argsort(perm)))
 
 
 def _contract(
-    pt: Array, wc: Array, groups: int, precision: lax.Precision | None
+    pt: Array,
+    wc: Array,
+    groups: int,
+    precision: lax.Precision | None,
+    preferred_element_type: Any = None,
 ) -> Array:
-    """patches ``[N, *o, T, C]`` x kernel ``[*window, C/G, O]`` -> ``[N, *o, O]``."""
+    """patches ``[N, *o, T, C]`` x kernel ``[*window, C/G, O]`` -> ``[N, *o, O]``
+    (accumulated in ``preferred_element_type`` when given)."""
+    pet = dict(preferred_element_type=preferred_element_type)
     taps, cin, cout = math.prod(wc.shape[:-2]), wc.shape[-2], wc.shape[-1]
     lead = pt.shape[:-2]
     if groups == 1:
         lhs = pt.reshape(*lead, taps * cin)
         rhs = wc.reshape(taps * cin, cout)
         dims = (((lhs.ndim - 1,), (0,)), ((), ()))
-        return lax.dot_general(lhs, rhs, dims, precision=precision)
+        return lax.dot_general(lhs, rhs, dims, precision=precision, **pet)
     # groups: contract (tap, C/G) per group, batch over the group axis
     lhs = pt.reshape(*lead, taps, groups, cin)
     rhs = wc.reshape(taps, cin, groups, cout // groups)
     n = lhs.ndim
     dims = (((n - 3, n - 1), (0, 1)), ((n - 2,), (2,)))
-    out = lax.dot_general(lhs, rhs, dims, precision=precision)  # [G, N, *o, O/G]
+    out = lax.dot_general(lhs, rhs, dims, precision=precision, **pet)  # [G,N,*o,O/G]
     out = jnp.moveaxis(out, 0, -2)
     return out.reshape(*lead, cout)

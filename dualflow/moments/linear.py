@@ -35,13 +35,24 @@ variance is the single product ``op(x^2, s2)``.  Convolutions go through
 :mod:`dualflow.moments._conv_cpu` (``lax.conv_general_dilated`` unless
 ``DUALFLOW_CONV_IMPL=im2col``).  Results equal the two-product formulas up to
 summation order (tests/test_fused_variance.py).
+
+Precision: ``precision=`` of :func:`dense` / :func:`conv` is a JAX
+``lax.Precision`` name, or ``"bf16_compute"``: the operands of the mean and
+variance products are cast to bfloat16 and the products accumulate in
+float32 (``preferred_element_type``), on any backend; the BP backward (and
+the derivative of the reduced product under autodiff) uses float32 operands.
+``precision=None`` follows ``jax.default_matmul_precision`` and the compute
+dtype of :func:`set_compute_dtype` (read at trace time); the trainer's
+``config.precision`` enters :func:`precision_context`.  The float32 error of
+each setting is measured in :mod:`dualflow.benchmarks.precision`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -54,7 +65,20 @@ from dualflow.moments._conv_cpu import conv_general_dilated
 
 Array = jax.Array
 
-__all__ = ["PRECISIONS", "bilinear_moments", "canonical_precision", "conv", "dense"]
+__all__ = [
+    "COMPUTE_PRECISIONS",
+    "JAX_PRECISIONS",
+    "PRECISIONS",
+    "bilinear_moments",
+    "canonical_precision",
+    "compute_dtype",
+    "conv",
+    "dense",
+    "precision_context",
+    "product_settings",
+    "set_compute_dtype",
+    "using_compute_dtype",
+]
 
 
 # --------------------------------------------------------------------------
@@ -120,6 +144,13 @@ def _variance_vjp(op, m: Array, P: Array | None, mu: Array, s2: Array, g: Array)
     return d_mm, d_P, d_s2, d_mu2s2
 
 
+def _float32_op(op):
+    """``op`` with full-width operands (``op.full_width()`` where defined): the
+    BP backward's products never use a reduced compute dtype."""
+    full = getattr(op, "full_width", None)
+    return full() if full is not None else op
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _bilinear_bp(op, fixed_noise: bool, m, P, mu, s2):
     return _forward(op, m, P, mu, s2)
@@ -131,6 +162,7 @@ def _bilinear_bp_fwd(op, fixed_noise, m, P, mu, s2):
 
 
 def _bilinear_bp_bwd(op, fixed_noise, res, cot):
+    op = _float32_op(op)  # gradients in the operands' own dtype (float32)
     m, P, mu, s2 = res
     g_mean, g_var = cot
     # op is bilinear, so each vjp is a pair of transposed linear maps.
@@ -227,7 +259,71 @@ def _add_bias(y: Gaussian, b_mean, b_var) -> Gaussian:
 # --------------------------------------------------------------------------
 # dense
 # --------------------------------------------------------------------------
-PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+#: JAX's names for ``lax.Precision`` (``jax.default_matmul_precision`` takes them)
+JAX_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+#: dualflow's reduced compute dtypes: operands cast, float32 accumulation
+COMPUTE_PRECISIONS: dict[str, str] = {"bf16_compute": "bfloat16"}
+#: every accepted precision name (``config.precision`` included)
+PRECISIONS = (*JAX_PRECISIONS, *COMPUTE_PRECISIONS)
+
+# Compute dtype of the moment products of layers called with precision=None,
+# read at trace time (like the conv implementation in _conv_cpu): None keeps
+# the operands' dtype.  Set through using_compute_dtype / precision_context.
+_compute_setting: str | None = None
+
+
+def _check_compute_dtype(dtype: Any, where: str) -> str | None:
+    if dtype is None:
+        return None
+    name = jnp.dtype(dtype).name
+    if name != "bfloat16":
+        raise ValueError(
+            f"{where}: compute dtype must be bfloat16 or None, got {name}."
+        )
+    return name
+
+
+def set_compute_dtype(dtype: Any) -> None:
+    """Cast the operands of the moment products of layers traced from now (with
+    ``precision=None``) to ``dtype`` (``"bfloat16"``; ``None``: off), with the
+    products accumulated in the operands' original dtype.  Functions already
+    compiled keep the setting they were traced with."""
+    global _compute_setting
+    _compute_setting = _check_compute_dtype(dtype, "set_compute_dtype")
+
+
+def compute_dtype() -> str | None:
+    """The current compute dtype of :func:`set_compute_dtype` (``None``: off)."""
+    return _compute_setting
+
+
+@contextlib.contextmanager
+def using_compute_dtype(dtype: Any) -> Iterator[None]:
+    """Context manager form of :func:`set_compute_dtype` (restores the old one)."""
+    old = _compute_setting
+    set_compute_dtype(dtype)
+    try:
+        yield
+    finally:
+        set_compute_dtype(old)
+
+
+def precision_context(precision: str | None) -> contextlib.AbstractContextManager:
+    """The context a run with ``config.precision = precision`` traces under.
+
+    ``""``/``None``: nothing (JAX's default); a JAX name:
+    ``jax.default_matmul_precision(precision)``; ``"bf16_compute"``:
+    :func:`using_compute_dtype` ``("bfloat16")`` -- bfloat16 operands and
+    float32 accumulation in the moment products of dense and conv layers
+    (other products, e.g. a deterministic network's, are unaffected).
+    """
+    if not precision:
+        return contextlib.nullcontext()
+    if isinstance(precision, str) and precision.lower() in COMPUTE_PRECISIONS:
+        return using_compute_dtype(COMPUTE_PRECISIONS[precision.lower()])
+    if isinstance(precision, str) and precision.lower() in JAX_PRECISIONS:
+        return jax.default_matmul_precision(precision.lower())
+    raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
 
 
 def canonical_precision(
@@ -240,25 +336,88 @@ def canonical_precision(
     compute float32 products exactly either way).  Strings are JAX's names:
     ``"highest"``/``"float32"``, ``"high"``/``"tensorfloat32"``,
     ``"default"``/``"bfloat16"``.  float64 products are exact at any setting.
+    ``"bf16_compute"`` is no ``lax.Precision``: see :func:`product_settings`.
     """
     if precision is None or isinstance(precision, lax.Precision):
         return precision
-    if isinstance(precision, str) and precision.lower() in PRECISIONS:
+    if isinstance(precision, str) and precision.lower() in JAX_PRECISIONS:
         return lax.Precision(precision.lower())
     raise ValueError(
         f"{where}: precision {precision!r} is not None, a jax.lax.Precision or one"
-        f" of {', '.join(PRECISIONS)}."
+        f" of {', '.join(JAX_PRECISIONS)}"
+        + (
+            " (bf16_compute sets a compute dtype; see product_settings)."
+            if isinstance(precision, str) and precision.lower() in COMPUTE_PRECISIONS
+            else "."
+        )
     )
+
+
+def product_settings(
+    precision: str | lax.Precision | None, where: str = "precision"
+) -> tuple[lax.Precision | None, str | None]:
+    """``(lax precision, compute dtype)`` of the moment products of a layer.
+
+    ``"bf16_compute"``: ``(None, "bfloat16")`` -- operands cast to bfloat16,
+    products accumulated (``preferred_element_type``) in the operands' dtype;
+    ``None``: JAX's default precision and the compute dtype of
+    :func:`set_compute_dtype`; anything else: :func:`canonical_precision`,
+    full-width operands.
+    """
+    if isinstance(precision, str) and precision.lower() in COMPUTE_PRECISIONS:
+        return None, COMPUTE_PRECISIONS[precision.lower()]
+    if precision is None:
+        return None, _compute_setting
+    if isinstance(precision, str) and precision.lower() not in JAX_PRECISIONS:
+        raise ValueError(
+            f"{where}: precision {precision!r} is not None, a jax.lax.Precision or"
+            f" one of {', '.join(PRECISIONS)}."
+        )
+    return canonical_precision(precision, where), None
+
+
+def _cast_operands(x: Array, w: Array, dtype: str) -> tuple[Array, Array, Any]:
+    """``(x, w)`` cast to ``dtype`` and the dtype to accumulate in (theirs)."""
+    acc = jnp.result_type(x, w)
+    return x.astype(dtype), w.astype(dtype), acc
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _reduced_product(op, x: Array, w: Array) -> Array:
+    """``op(x, w)`` with operands cast to ``op.compute_dtype`` (``op._reduced``);
+    its derivative is that of the full-width product (``op.full_width()``):
+    gradients are computed from, and in, the operands' own dtype."""
+    return op._reduced(x, w)
+
+
+@_reduced_product.defjvp
+def _reduced_product_jvp(op, primals, tangents):
+    x, w = primals
+    dx, dw = tangents
+    full = op.full_width()
+    return _reduced_product(op, x, w), full(dx, w) + full(x, dw)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Matmul:
-    """Hashable ``jnp.matmul`` at a fixed precision (a static BP-rule argument)."""
+    """Hashable ``jnp.matmul`` at a fixed precision (a static BP-rule argument);
+    ``compute_dtype="bfloat16"``: operands cast, accumulation in their dtype."""
 
     precision: lax.Precision | None = None
+    compute_dtype: str | None = None
 
     def __call__(self, x, w):
+        if self.compute_dtype is not None:
+            return _reduced_product(self, x, w)
         return jnp.matmul(x, w, precision=self.precision)
+
+    def _reduced(self, x, w):
+        x, w, acc = _cast_operands(x, w, self.compute_dtype)
+        return jnp.matmul(x, w, precision=self.precision, preferred_element_type=acc)
+
+    def full_width(self) -> _Matmul:
+        """This op without the compute dtype."""
+        return dataclasses.replace(self, compute_dtype=None)
 
     def contraction_axes(self, x: Array, w: Array) -> tuple[int, int] | None:
         """``x [..., K] @ w [..., K, N]`` contracts ``x``'s last and ``w``'s
@@ -290,7 +449,9 @@ def dense(
       b_mean, b_var: optional bias moments ``[d_out]``.
       backward: ``"bp"``, ``"bp_fixed_noise"`` or ``"autodiff"`` (module doc).
       precision: of the products (see :func:`canonical_precision`);
-        ``None`` follows ``jax.default_matmul_precision``.
+        ``None`` follows ``jax.default_matmul_precision`` and the compute dtype
+        of :func:`set_compute_dtype`; ``"bf16_compute"``: bfloat16 operands,
+        float32 accumulation, float32 gradients (:func:`product_settings`).
 
     Returns:
       `Gaussian` ``[..., d_out]`` with ``mean = x̂ mu + b`` and
@@ -311,7 +472,8 @@ def dense(
             f" {w_mean.shape} (expected [..., {w_mean.shape[0]}])."
         )
     check_weights("dense", w_mean, w_var, b_mean, b_var)
-    op = _Matmul(canonical_precision(precision, "dense"))
+    prec, cdt = product_settings(precision, "dense")
+    op = _Matmul(prec, cdt)
     xin = x.mean if point else x
     y = bilinear_moments(op, xin, w_mean, w_var, backward=backward, where=None)
     return _add_bias(y, b_mean, b_var)
@@ -331,8 +493,14 @@ class _ConvOp:
     dimension_numbers: Any
     feature_group_count: int
     precision: lax.Precision | None = None
+    compute_dtype: str | None = None
 
     def __call__(self, x, w):
+        if self.compute_dtype is not None:
+            return _reduced_product(self, x, w)
+        return self._conv(x, w, None)
+
+    def _conv(self, x, w, preferred_element_type):
         return conv_general_dilated(
             x,
             w,
@@ -343,7 +511,16 @@ class _ConvOp:
             dimension_numbers=self.dimension_numbers,
             feature_group_count=self.feature_group_count,
             precision=self.precision,
+            preferred_element_type=preferred_element_type,
         )
+
+    def _reduced(self, x, w):
+        x, w, acc = _cast_operands(x, w, self.compute_dtype)
+        return self._conv(x, w, acc)
+
+    def full_width(self) -> _ConvOp:
+        """This op without the compute dtype."""
+        return dataclasses.replace(self, compute_dtype=None)
 
     def contraction_axes(self, x: Array, w: Array) -> tuple[int, int] | None:
         """The input-feature axes of ``x`` and ``w`` (ungrouped convs only;
@@ -421,6 +598,7 @@ def conv(
             )
     if not isinstance(padding, str):
         padding = tuple(tuple(int(a) for a in p) for p in padding)
+    prec, cdt = product_settings(precision, "conv")
     op = _ConvOp(
         window_strides=_tuple(strides, nsp, "strides"),
         padding=padding,
@@ -432,7 +610,8 @@ def conv(
         else _tuple(kernel_dilation, nsp, "kernel_dilation"),
         dimension_numbers=dimension_numbers,
         feature_group_count=int(feature_group_count),
-        precision=canonical_precision(precision, "conv"),
+        precision=prec,
+        compute_dtype=cdt,
     )
     check_weights("conv", w_mean, w_var, b_mean, b_var)
     xin = x.mean if point else x
