@@ -535,9 +535,10 @@ def test_every_method_runs_a_group_on_small_data(tmp_path):
     _write_uci(tmp_path, "energy", n=60, d=3, splits=2)
     data = load_uci("energy", tmp_path)
     cfg = _tiny(_uci_config())
-    # bp, bp_matched and ensemble run in the quick benchmark test; local_reparam
-    # and flipout share reparam's code path here (only the layer sampler differs,
-    # tested in test_nn.py)
+    # bp and ensemble run in the quick benchmark test (through the search of
+    # uci_search.py, as does every method in test_uci_search.py); bp_matched,
+    # local_reparam and flipout share bp's / reparam's code path here (only the
+    # layer rule or sampler differs, tested in test_nn.py)
     for method in ("bp_ng", "reparam", "mc_dropout"):
         assert method in UCI_METHODS
         recs = run_uci_group(data, method, [0, 1], cfg, log=lambda *_: None)

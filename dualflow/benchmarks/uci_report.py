@@ -25,6 +25,7 @@ from dualflow.data.uci import UCI_DATASETS
 __all__ = [
     "PUBLISHED",
     "best_published_ll",
+    "chosen_table",
     "is_valid_record",
     "json_safe",
     "markdown_table",
@@ -195,9 +196,15 @@ def markdown_table(
     summary: dict[str, dict[str, dict]],
     methods: Sequence[str],
     *,
-    bp_variants: Sequence[str] = ("bp", "bp_matched", "bp_ng"),
+    bp_variants: Sequence[str] | None = None,
 ) -> str:
-    """Two markdown tables (test LL, test RMSE) with published columns and notes."""
+    """Two markdown tables (test LL, test RMSE) with published columns and notes.
+
+    ``bp_variants`` (default: ``bp`` and every ``bp_*`` method) are compared
+    with the best published LL.
+    """
+    if bp_variants is None:
+        bp_variants = [m for m in methods if m == "bp" or m.startswith("bp_")]
     datasets = [d for d in UCI_DATASETS if d in summary]
     lines: list[str] = []
     for metric, title in (("ll", "Test log-likelihood"), ("rmse", "Test RMSE")):
@@ -330,3 +337,43 @@ def plot_summary(
     fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=6, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
+
+
+def _setting(chosen: dict) -> str:
+    """``lr=0.01 noise=het ...`` without the epochs."""
+    short = {"homoscedastic": "hom", "heteroscedastic": "het", "empirical_bayes": "EB"}
+    return " ".join(
+        f"{k}={short.get(v, v) if isinstance(v, str) else f'{v:g}'}"
+        for k, v in sorted(chosen.items())
+        if k != "epochs"
+    )
+
+
+def chosen_table(records: Iterable[dict], methods: Sequence[str]) -> str:
+    """Markdown: per data set and method, the setting chosen on most splits
+    (with how many) and the median chosen epochs; ``""`` without ``chosen``."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        if isinstance(r.get("chosen"), dict):
+            groups.setdefault((r["dataset"], r["method"]), []).append(r["chosen"])
+    if not groups:
+        return ""
+    lines = [
+        "### Chosen hyper-parameters (on validation data; most frequent over splits)",
+        "",
+        "| data set | method | setting | splits | median epochs |",
+        "|---|---|---|---|---|",
+    ]
+    for ds in UCI_DATASETS:
+        for m in methods:
+            chosen = groups.get((ds, m))
+            if not chosen:
+                continue
+            settings = [_setting(c) for c in chosen]
+            top = max(set(settings), key=settings.count)
+            epochs = int(np.median([c.get("epochs", 0) for c in chosen]))
+            lines.append(
+                f"| {ds} | {m} | {top} | {settings.count(top)}/{len(chosen)}"
+                f" | {epochs} |"
+            )
+    return "\n".join(lines) + "\n"
