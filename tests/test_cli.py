@@ -273,8 +273,10 @@ def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 SCRIPT_NAMES = [
     "bench.py",
     "bench_bp.py",
+    "bench_input.py",
     "bench_device.py",
     "bench_models.py",
+    "bench_precision.py",
     "bench_propagate.py",
     "bench_rnn_memory.py",
     "bench_train.py",

@@ -54,7 +54,7 @@ ARGS = [
 ]
 
 
-def run_train(workdir, fault: str = "", extra=(), timeout=240):
+def run_train(workdir, fault: str = "", extra=(), timeout=240, new_session=False):
     env = dict(os.environ)
     env.pop("DUALFLOW_INJECT_FAULT", None)
     if fault:
@@ -67,6 +67,7 @@ def run_train(workdir, fault: str = "", extra=(), timeout=240):
         timeout=timeout,
         env=env,
         cwd=REPO,
+        start_new_session=new_session,  # a group signal must not reach pytest
     )
 
 
@@ -157,6 +158,52 @@ def test_signal_checkpoints_exits_130_and_resumes_bitwise(
     assert_same_as_reference(tmp_path, reference)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["invocations"] == 2 and summary["steps_run"] == STEPS
+
+
+@pytest.mark.parametrize(
+    "fault, saved",
+    [
+        ("SIGINT-GROUP@step:13", 13),  # a terminal's Ctrl-C
+        ("SIGTERM-GROUP@step:27", 27),  # preemption of the whole job
+        # while grain spawns the workers: dropped (the workers must start
+        # immune), so the run finishes; nothing may hang or print a traceback
+        ("SIGINT-GROUP@compile", None),
+    ],
+)
+def test_signal_to_the_process_group_with_input_workers(
+    fault, saved, reference, tmp_path
+):
+    """The signal reaches the grain worker processes too: they leave it to the
+    trainer, which saves, prints its one line and exits 130 (no worker
+    traceback, no hang on a half-written queue message); the resumed run
+    (workers again) matches the threaded reference bit for bit."""
+    workers = ["--config.data.workers=2"]
+    out = run_train(tmp_path, fault, workers, new_session=True)
+    if saved is None:
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr + out.stdout
+        assert_same_as_reference(tmp_path, reference)
+        return
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert stderr_lines(out) == [
+        f"interrupted at step {saved}; rerun the same command to resume"
+    ], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr + out.stdout
+    again = run_train(tmp_path, extra=workers)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_same_as_reference(tmp_path, reference)
+
+
+def test_workers_do_not_outlive_a_hard_exit(reference, tmp_path):
+    """A second Ctrl-C exits at once (``os._exit``); the orphaned workers notice
+    and exit too, so the pipes they inherited close (``subprocess.run`` would
+    otherwise wait for them until its timeout)."""
+    workers = ["--config.data.workers=2"]
+    out = run_train(tmp_path, "SIGINTx2@step:23", workers, timeout=120)
+    assert out.returncode == 130, out.stderr[-2000:]
+    again = run_train(tmp_path, extra=workers)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_same_as_reference(tmp_path, reference)
 
 
 KILLS = [  # (fault, newest checkpoint left behind, updates executed in all)

@@ -181,13 +181,15 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("kill_at", [7, 18])
-def test_kill_and_resume_is_bitwise_identical(kill_at, tmp_path):
+@pytest.mark.parametrize("kill_at, workers", [(7, 0), (18, 2)])
+def test_kill_and_resume_is_bitwise_identical(kill_at, workers, tmp_path):
     """Interrupt at step ``kill_at`` (no save at the kill, like SIGKILL),
     restart: same batches, keys, log records and final parameters as the
     uninterrupted run, bit for bit.  A sampling method with crop/flip/mixup
     exercises every random stream; log and checkpoint cadences differ, so the
-    resumed run continues a half-filled log window."""
+    resumed run continues a half-filled log window.  The reference makes its
+    batches in a thread; the interrupted run (and its resumption) with
+    ``workers`` grain processes."""
     import shutil
 
     over = dict(
@@ -206,15 +208,16 @@ def test_kill_and_resume_is_bitwise_identical(kill_at, tmp_path):
         if step == kill_at:
             raise Interrupt
 
+    over_run = dict(over, data__workers=workers)
     with pytest.raises(Interrupt):
-        train_and_evaluate(tiny_config("reparam", **over), run_dir, on_step=on_step)
+        train_and_evaluate(tiny_config("reparam", **over_run), run_dir, on_step=on_step)
     ckpts = run_dir / "checkpoints"
     saved = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     assert saved and saved[-1] == 5 * (kill_at // 5), saved
     # a complete-looking checkpoint under orbax's temporary name (a save that
     # was killed before its final rename) must not be resumed from
     shutil.copytree(ckpts / str(saved[-1]), ckpts / "23.orbax-checkpoint-tmp")
-    summary = train_and_evaluate(tiny_config("reparam", **over), run_dir)
+    summary = train_and_evaluate(tiny_config("reparam", **over_run), run_dir)
 
     ref, ref_step = _final_params(ref_dir)
     got, got_step = _final_params(run_dir)
@@ -254,6 +257,30 @@ def test_resume_refuses_a_different_config_or_data(tmp_path):
     with pytest.raises(ConfigError, match="n_train"):
         train_and_evaluate(
             tiny_config("bp", train__num_steps=8, data__max_train=128), tmp_path
+        )
+
+
+def test_fields_added_since_a_run_was_recorded_resume_at_their_default(tmp_path):
+    """A workdir written before a config field existed (simulated by deleting
+    the field and a whole section from its config.json) resumes while the
+    field holds its default, and is refused when it does not."""
+    import json
+
+    train_and_evaluate(tiny_config("bp", train__num_steps=8), tmp_path)
+    path = tmp_path / "config.json"
+    info = json.loads(path.read_text())
+    del info["config"]["optimizer"]["b2"]
+    del info["config"]["augment"]
+    path.write_text(json.dumps(info))
+    summary = train_and_evaluate(tiny_config("bp", train__num_steps=8), tmp_path)
+    assert summary["steps"] == 8
+    with pytest.raises(ConfigError, match="optimizer.b2"):
+        train_and_evaluate(
+            tiny_config("bp", train__num_steps=8, optimizer__b2=0.9), tmp_path
+        )
+    with pytest.raises(ConfigError, match="augment"):
+        train_and_evaluate(
+            tiny_config("bp", train__num_steps=8, augment__flip=True), tmp_path
         )
 
 
@@ -299,6 +326,8 @@ def test_a_run_without_checkpoints_may_change_its_config(tmp_path):
         ({"augment__randaugment_magnitude": 30.0}, "config.augment"),
         ({"loss__kl_weight": float("nan")}, "config.loss.kl_weight"),
         ({"train__batch_size": 512}, "config.train.batch_size"),  # > 256 examples
+        ({"data__workers": -2}, "config.data.workers"),
+        ({"data__prefetch": 0}, "config.data.prefetch"),
     ],
 )
 def test_bad_config_names_the_field(over, field, tmp_path):

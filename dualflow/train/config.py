@@ -14,9 +14,10 @@ Schema (``ml_collections.ConfigDict``)::
     method:    name, mode, backward, num_samples, dropout_rate, ensemble_size, member
     likelihood.head                       ("probit" | "second_order" | "mean")
     loss:      kl_weight (beta), kl_anneal_steps
-    optimizer: name ("sgd" | "adam" | "adamw"), lr, momentum, nesterov, b1, b2,
-               weight_decay, natural_gradient, ng_damping, ng_variance_update,
-               grad_clip
+    optimizer: name ("sgd" | "adam" | "adamw" | "von"), lr, momentum, nesterov,
+               b1, b2, weight_decay, natural_gradient, ng_damping,
+               ng_variance_update, ng_other_lr, grad_clip, von_b2,
+               von_init_hessian, von_likelihood, von_n_data
     schedule:  name ("cosine" | "constant"), warmup_steps, end_factor
     augment:   crop_pad, flip, randaugment_ops, randaugment_magnitude,
                mixup_alpha, cutmix_alpha, switch_prob
@@ -57,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "mnist"
     c.data_dir = ""  # "" -> $DUALFLOW_DATA_DIR
     # float32 matmul/conv precision of every product (jax.default_matmul_precision):
-    # "" keeps JAX's default (fast TF32/bf16 paths on GPU/TPU), "highest" = full fp32
+    # "" keeps JAX's default (fast TF32/bf16 paths on GPU/TPU), "highest" = full fp32,
+    # "bf16_compute": bfloat16 operands, float32 accumulation of the moment products
     c.precision = ""
 
     c.data = ml_collections.ConfigDict()
@@ -66,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.normalize = "standardize"  # per-channel train mean/std, or "unit" [0,1]
     c.data.max_train = 0  # > 0: use the first n training examples (smoke tests)
     c.data.max_test = 0
+    # input pipeline (grain): 0 = one background thread, N = N worker
+    # processes, -1 = one per core; prefetch = batches read ahead per worker
+    c.data.workers = 0
+    c.data.prefetch = 2
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"
@@ -104,6 +110,13 @@ def base_config() -> ml_collections.ConfigDict:
     # recipe's rate here when it raises optimizer.lr to the natural-gradient rate.
     c.optimizer.ng_other_lr = 0.0
     c.optimizer.grad_clip = 0.0  # global-norm clipping of the update (0 = off)
+    # name = "von": dualflow.optim.variational_online_newton on the Bayesian
+    # weights (lr = its Newton step, scale-free, e.g. 0.1; b1 = its momentum),
+    # Adam at ng_other_lr (0 = lr) on leaves without a variance partner.
+    c.optimizer.von_b2 = 0.999  # curvature averaging (precision step 1 - b2)
+    c.optimizer.von_init_hessian = 1.0  # initial per-example precision h_0
+    c.optimizer.von_likelihood = "auto"  # bp: "predictive", else "expected"
+    c.optimizer.von_n_data = 0  # data-set size n; 0 = the training-set size
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"
@@ -324,6 +337,13 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     _choice(cfg, "data.normalize", ("standardize", "unit"))
     _positive(cfg, "data.max_train", zero_ok=True)
     _positive(cfg, "data.max_test", zero_ok=True)
+    _positive(cfg, "data.prefetch")
+    workers = _field(cfg, "data.workers")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < -1:
+        raise ConfigError(
+            "config.data.workers must be an integer >= -1 (0: a background thread,"
+            f" N: N worker processes, -1: one per core), got {workers!r}."
+        )
     _choice(cfg, "model.name", MODELS)
     _choice(cfg, "model.norm", ("published", "none", "batch", "layer"))
     kwargs = _field(cfg, "model.kwargs")
@@ -344,7 +364,9 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     _choice(cfg, "likelihood.head", ("probit", "second_order", "mean"))
     _positive(cfg, "loss.kl_weight", zero_ok=True)
     _positive(cfg, "loss.kl_anneal_steps", zero_ok=True)
-    _choice(cfg, "optimizer.name", ("sgd", "adam", "adamw"))
+    _choice(cfg, "optimizer.name", ("sgd", "adam", "adamw", "von"))
+    if cfg.optimizer.name == "von":
+        _validate_von(cfg)
     _positive(cfg, "optimizer.lr")
     _positive(cfg, "optimizer.weight_decay", zero_ok=True)
     _positive(cfg, "optimizer.grad_clip", zero_ok=True)
@@ -387,6 +409,54 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
                     " devices of the data-parallel mesh; use a multiple of"
                     f" {num_devices} or set config.mesh.num_devices."
                 )
+
+
+def _validate_von(cfg: ml_collections.ConfigDict) -> None:
+    """Checks of ``optimizer.name = "von"`` (variational online Newton)."""
+    o = cfg.optimizer
+    _choice(cfg, "optimizer.von_likelihood", ("auto", "predictive", "expected"))
+    _positive(cfg, "optimizer.von_init_hessian")
+    _positive(cfg, "optimizer.von_n_data", zero_ok=True)
+    for key in ("b1", "von_b2"):
+        b = _field(cfg, f"optimizer.{key}")
+        if not 0.0 <= b < 1.0:
+            raise ConfigError(f"config.optimizer.{key} must be in [0, 1), got {b}.")
+    if o.natural_gradient:
+        raise ConfigError(
+            "config.optimizer.name='von' is itself a natural-gradient method: set"
+            " config.optimizer.natural_gradient=False."
+        )
+    for key in ("weight_decay", "grad_clip"):
+        if o[key]:
+            raise ConfigError(
+                f"config.optimizer.{key}={o[key]} is not supported with"
+                " optimizer.name='von' (it would bias the curvature estimate; the"
+                " prior, model.kwargs.prior_var, is the regulariser): set it to 0."
+            )
+    if not o.ng_other_lr > 0:
+        raise ConfigError(
+            "config.optimizer.name='von' steps the leaves without a variance"
+            " partner (normalisation gains, the noise variance) with Adam at"
+            " config.optimizer.ng_other_lr, which must be > 0 (e.g. 1e-3; the"
+            " VON step optimizer.lr is no Adam rate)."
+        )
+    if not cfg.loss.kl_weight > 0:
+        raise ConfigError(
+            "config.optimizer.name='von' sets the posterior variance to"
+            " kl_weight / (n h): config.loss.kl_weight must be > 0."
+        )
+    member = cfg.method.member if cfg.method.name == "ensemble" else cfg.method.name
+    if member in ("deterministic", "mc_dropout"):
+        raise ConfigError(
+            f"config.optimizer.name='von' needs Bayesian (mean/variance) weights;"
+            f" method {member!r} has none: use sgd/adam/adamw."
+        )
+    if o.von_likelihood == "predictive" and member != "bp":
+        raise ConfigError(
+            "config.optimizer.von_likelihood='predictive' is BP's -log predictive"
+            f" density; method {member!r} optimises an expected NLL: use 'expected'"
+            " or 'auto'."
+        )
 
 
 def _model_norm(cfg) -> str | None:

@@ -145,10 +145,16 @@ def _spec() -> tuple[str, str, int | None] | None:
 
 
 def _send(sig_name: str) -> None:
-    """``SIGINT`` or ``SIGINTx2`` (the signal twice in a row)."""
+    """``SIGINT``, ``SIGINTx2`` (the signal twice in a row) or
+    ``SIGINT-GROUP`` (to the whole process group, input workers included, as a
+    terminal's Ctrl-C does)."""
+    sig_name, _, scope = sig_name.partition("-")
     name, _, times = sig_name.partition("X")
     for _ in range(int(times or 1)):
-        os.kill(os.getpid(), getattr(signal, name))
+        if scope == "GROUP":
+            os.killpg(os.getpgid(0), getattr(signal, name))
+        else:
+            os.kill(os.getpid(), getattr(signal, name))
 
 
 def _when_tmp_appears(directory: Path, sig_name: str, timeout: float = 60.0) -> None:

@@ -61,11 +61,20 @@ from dualflow.io import (
 from dualflow.models import build_model
 from dualflow.nn.context import Method
 from dualflow.nn.methods import Likelihood, make_ensemble, predict
-from dualflow.optim import mean_variance_labels, natural_gradient
+from dualflow.optim import (
+    mean_variance_labels,
+    natural_gradient,
+    variational_online_newton,
+)
 from dualflow.train.checkpoints import CheckpointStore
-from dualflow.train.config import ConfigError, _model_norm, validate_config
+from dualflow.train.config import (
+    ConfigError,
+    _model_norm,
+    base_config,
+    validate_config,
+)
 from dualflow.train.fit import make_loss_fn
-from dualflow.train.input import Normalizer, TrainBatches, prefetch, to_global
+from dualflow.train.input import Normalizer, TrainBatches, batch_stream, to_global
 from dualflow.train.interrupts import InterruptGuard, inject
 from dualflow.train.timing import TimingLog
 from dualflow.train.timing import summarize as timing_summary
@@ -103,6 +112,8 @@ _RESUMABLE_CHANGES = (
     "train.eval_batch_size",
     "train.eval_samples",
     "data.download",
+    "data.workers",  # the batches do not depend on how they are made
+    "data.prefetch",
 )
 
 
@@ -182,8 +193,11 @@ def _ng_labels(params):
     )
 
 
-def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """``[weight decay] -> [natural_gradient] -> [clip] -> sgd | adam | adamw``.
+def make_optimizer(
+    cfg, schedule: optax.Schedule, n_data: int | None = None
+) -> optax.GradientTransformation:
+    """``[weight decay] -> [natural_gradient] -> [clip] -> sgd | adam | adamw``,
+    or ``optimizer.name = "von"``.
 
     Weight decay (never on variances) is added to the gradient as an L2 term,
     so the natural gradient (App. D of the duality paper) preconditions it like
@@ -194,8 +208,19 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
     parameters) get the same chain without it, at ``optimizer.ng_other_lr``
     (same schedule shape; ``0`` = ``optimizer.lr``): unpreconditioned, the
     natural-gradient rate would be orders of magnitude too large for them.
+
+    ``"von"``: :func:`dualflow.optim.variational_online_newton` on the
+    mean/variance pairs (step ``schedule``, momentum ``b1``, ``von_b2``,
+    ``von_init_hessian``; data-set size ``optimizer.von_n_data`` or else
+    ``n_data``; ``train.batch_size``; ``loss.kl_weight``) and Adam at
+    ``ng_other_lr`` (same schedule shape; must be > 0 under von) on the
+    other leaves.  During a KL warm-up (``loss.kl_anneal_steps``) its curvature
+    estimate assumes the final ``kl_weight`` and is too large by
+    ``(beta - beta_t) / (n v)`` (smaller, safer steps).
     """
     o = cfg.optimizer
+    if o.name == "von":
+        return _von_optimizer(cfg, schedule, n_data)
     if not o.natural_gradient:
         return _optimizer_chain(cfg, schedule, natural=False)
     other_lr = float(o.get("ng_other_lr", 0.0)) or float(o.lr)
@@ -208,6 +233,48 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
         {
             "ng": _optimizer_chain(cfg, schedule, natural=True),
             "other": _optimizer_chain(cfg, other_schedule, natural=False),
+        },
+        _ng_labels,
+    )
+
+
+def _von_optimizer(
+    cfg, schedule: optax.Schedule, n_data: int | None
+) -> optax.GradientTransformation:
+    """``optimizer.name = "von"``: VON on the pairs, Adam on the rest."""
+    o = cfg.optimizer
+    n = int(o.get("von_n_data", 0) or 0) or (int(n_data) if n_data else 0)
+    if not n:
+        raise ConfigError(
+            "optimizer.name='von' needs the training-set size: set"
+            " config.optimizer.von_n_data or pass n_data to make_optimizer."
+        )
+    likelihood = o.get("von_likelihood", "auto")
+    if likelihood == "auto":
+        member = cfg.method.member if cfg.method.name == "ensemble" else cfg.method.name
+        likelihood = "predictive" if member == "bp" else "expected"
+    try:
+        von = variational_online_newton(
+            n,
+            schedule,
+            batch_size=int(cfg.train.batch_size),
+            likelihood=likelihood,
+            kl_weight=float(cfg.loss.kl_weight),
+            b1=float(o.b1),
+            b2=float(o.get("von_b2", 0.999)),
+            init_hessian=float(o.get("von_init_hessian", 1.0)),
+        )
+    except ValueError as err:
+        raise ConfigError(f"optimizer.name='von': {err}") from None
+    scale = (float(o.get("ng_other_lr", 0.0)) or float(o.lr)) / float(o.lr)
+
+    def other_schedule(step):
+        return schedule(step) * scale
+
+    return optax.partition(
+        {
+            "ng": von,
+            "other": optax.adam(other_schedule, b1=float(o.b1), b2=float(o.b2)),
         },
         _ng_labels,
     )
@@ -393,7 +460,14 @@ def build_train_step(
     return jax.jit(train_step, donate_argnums=0, out_shardings=sharding)
 
 
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+def _config_diff(
+    old: dict, new: dict, prefix: str = "", defaults: dict | None = None
+) -> list[str]:
+    """Fields that differ between a run's recorded config and this one.  A
+    field the recorded run did not have (added to dualflow since) counts as
+    unchanged when it holds its default, which keeps the old behaviour."""
+    if defaults is None:
+        defaults = _jsonable(base_config())
     keys = sorted(set(old) | set(new))
     out = []
     for k in keys:
@@ -401,8 +475,12 @@ def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         if any(path == r or path.startswith(r + ".") for r in _RESUMABLE_CHANGES):
             continue
         a, b = old.get(k), new.get(k)
+        d = defaults.get(k) if isinstance(defaults, dict) else None
+        known = isinstance(defaults, dict) and k in defaults
+        if known and k not in old and k in new and b == d:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, path + ".")
+            out += _config_diff(a, b, path + ".", d if isinstance(d, dict) else {})
         elif a != b:
             out.append(f"{path}: {a!r} -> {b!r}")
     return out
@@ -443,9 +521,13 @@ def train_and_evaluate(
 
 
 def _precision_context(cfg):
-    """``jax.default_matmul_precision(config.precision)``; ``""``: JAX's own."""
+    """The context of ``config.precision`` (``moments.precision_context``):
+    ``jax.default_matmul_precision(name)`` for JAX's names, bfloat16 operands
+    of the moment products for ``"bf16_compute"``; ``""``: JAX's own."""
+    from dualflow.moments.linear import precision_context
+
     precision = cfg.get("precision", "")
-    return jax.default_matmul_precision(precision) if precision else nullcontext()
+    return precision_context(precision) if precision else nullcontext()
 
 
 class BareStep:
@@ -568,7 +650,9 @@ class _Run:
         model = make_model(cfg, self.data.name, self.method)
         self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         self.schedule = make_schedule(cfg, self.total_steps)
-        self.tx = make_optimizer(cfg, self.schedule)
+        self.tx = make_optimizer(
+            cfg, self.schedule, n_data=int(self.data.x_train.shape[0])
+        )
         self.replicated = NamedSharding(self.mesh, P())
         self.state = init_train_state(params, rest, self.tx, self.replicated)
         self.train_step = build_train_step(
@@ -765,11 +849,6 @@ class _Run:
             r.get("kind") == "eval" and r.get("step") == step for r in self.records
         )
 
-    def _device_batch(self, step: int) -> tuple[jax.Array, jax.Array]:
-        """Batch ``step`` on the mesh: made and transferred in the prefetch
-        thread, so the host-to-device copy overlaps the previous step."""
-        return to_global(self.mesh, *self.batches(step))
-
     def _train(self, start: int, bar, log_path: Path, on_step) -> None:
         # speed: training time only (evaluation and saving excluded); each
         # window ends with a host read of the metric sums, which waits for the
@@ -778,34 +857,44 @@ class _Run:
         t_mark = time.time()
         inject("compile")
         steps = range(start, self.total_steps)
-        for step, (x, y) in prefetch(self._device_batch, steps):
-            self.state = self.train_step(self.state, x, y)
-            done = step + 1
-            inject("step", done)  # test hook: a signal arriving during the step
-            window_steps += 1
-            bar.update(1)
-            log_now = done % self.log_every == 0 or done == self.total_steps
-            eval_now = self._eval_due(done)
-            ckpt_now = done % self.ckpt_every == 0 or done == self.total_steps
-            stop = self._stop_requested(boundary=log_now or eval_now or ckpt_now)
-            if log_now or eval_now or ckpt_now or stop:
-                jax.block_until_ready(self.state)
-                window_time += time.time() - t_mark
-                self.timing.window(done, window_steps, window_time, time.time())
-            if log_now:
-                self._log(done, window_steps, window_time, bar, log_path)
-            if log_now or eval_now or ckpt_now or stop:
-                window_time, window_steps = 0.0, 0
-            if eval_now:
-                self._evaluate(done, bar, log_path)
-            if ckpt_now:
-                self._save()
-            if stop or (self.guard.requested and jax.process_count() == 1):
-                self._interrupt(done)  # a signal during the evaluation or save
-            if on_step is not None:
-                on_step(done)  # at a window's end: off the clock
-            if log_now or eval_now or ckpt_now:
-                t_mark = time.time()
+        stream = batch_stream(
+            self.batches,
+            steps,
+            workers=int(self.cfg.data.workers),
+            prefetch=int(self.cfg.data.prefetch),
+        )
+        try:
+            for step, host_xy in stream:
+                x, y = to_global(self.mesh, *host_xy)  # async on accelerators
+                self.state = self.train_step(self.state, x, y)
+                done = step + 1
+                inject("step", done)  # test hook: a signal arriving during the step
+                window_steps += 1
+                bar.update(1)
+                log_now = done % self.log_every == 0 or done == self.total_steps
+                eval_now = self._eval_due(done)
+                ckpt_now = done % self.ckpt_every == 0 or done == self.total_steps
+                stop = self._stop_requested(boundary=log_now or eval_now or ckpt_now)
+                if log_now or eval_now or ckpt_now or stop:
+                    jax.block_until_ready(self.state)
+                    window_time += time.time() - t_mark
+                    self.timing.window(done, window_steps, window_time, time.time())
+                if log_now:
+                    self._log(done, window_steps, window_time, bar, log_path)
+                if log_now or eval_now or ckpt_now or stop:
+                    window_time, window_steps = 0.0, 0
+                if eval_now:
+                    self._evaluate(done, bar, log_path)
+                if ckpt_now:
+                    self._save()
+                if stop or (self.guard.requested and jax.process_count() == 1):
+                    self._interrupt(done)  # a signal during the evaluation or save
+                if on_step is not None:
+                    on_step(done)  # at a window's end: off the clock
+                if log_now or eval_now or ckpt_now:
+                    t_mark = time.time()
+        finally:
+            stream.close()  # stop the input workers, free their buffers
 
     def _log(self, done, window_steps, window_time, bar, log_path) -> None:
         sums = jax.device_get(self.state.metric_sums)
