@@ -86,7 +86,9 @@ def test_every_method_gets_the_same_budget_starting_with_the_config():
     for m in methods:
         cands = candidates(m, cfg, 6)
         assert len(cands) == len(set(cands)) == 6, m
-        assert cands[0].lr == cfg.lr  # the global setting is always a candidate
+        # the global setting is always a candidate (bp_von / bp_ng: their step)
+        own = {"bp_von": cfg.von.lr, "bp_ng": cfg.ng.rho}
+        assert cands[0].lr == own.get(m, cfg.lr), m
         assert cands == candidates(m, cfg, 6)  # fixed order
     assert {c.noise for c in candidates("bp", cfg, 6)} == {"homoscedastic"}
     assert {c.noise for c in candidates("bp_het", cfg, 6)} == {"heteroscedastic"}
@@ -277,3 +279,22 @@ def test_optimiser_settings_are_part_of_the_fingerprint():
         cfg = default_config()
         cfg[section][key] = value
         assert config_fingerprint(cfg) != base, (section, key)
+
+
+def test_own_step_methods_search_their_own_step():
+    """bp_von's Newton step and bp_ng's rho are what their lr dimension moves
+    (Adam's rate only drives their noise variance)."""
+    from dualflow.benchmarks.uci import default_config
+    from dualflow.benchmarks.uci_search import OWN_STEP, SPACE, candidates
+
+    cfg = default_config()
+    for name, (section, field, grid) in (
+        ("bp_von", OWN_STEP["von"]),
+        ("bp_ng", OWN_STEP["natural_gradient"]),
+    ):
+        cands = candidates(name, cfg, budget=4)
+        assert cands[0].lr == cfg[section][field], name
+        assert {c.lr for c in cands[1:]} <= set(grid) | {cands[0].lr}, name
+    assert {c.lr for c in candidates("bp", cfg, budget=3)} <= set(SPACE["lr"]) | {
+        cfg.lr
+    }

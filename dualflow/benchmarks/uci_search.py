@@ -15,7 +15,9 @@ Protocol (issue 19 items 1, 2 and 4), applied to every split ``k`` separately:
 
 Search space (:data:`SPACE`; a dimension applies where the method has it):
 
-* ``lr`` -- Adam's learning rate (every method);
+* ``lr`` -- the method's own step: Adam's learning rate, except ``bp_von``'s
+  Newton step ``von.lr`` and ``bp_ng``'s ``ng.rho`` (:data:`OWN_STEP`; their
+  noise variance keeps Adam at ``config.lr``);
 * ``init_var`` -- initial posterior variance x 1/fan_in (variational methods);
 * ``prior_var`` -- prior variance x 1/fan_in, or ``"empirical_bayes"``
   (variational methods);
@@ -112,6 +114,11 @@ SPACE: dict[str, tuple] = {
     "noise": ("homoscedastic", "heteroscedastic"),
     "dropout_rate": (0.005, 0.05),
 }
+# (config section, field, grid) of the step of methods not trained by Adam
+OWN_STEP = {
+    "von": ("von", "lr", (0.01, 0.03, 0.1)),
+    "natural_gradient": ("ng", "rho", (1e-3, 3e-3, 1e-2)),
+}
 # methods whose noise model is part of their definition
 FIXED_NOISE = {"bp": "homoscedastic", "bp_het": "heteroscedastic"}
 EXTRA_METHODS = ("bp_het",)  # methods the search adds to UCI_METHODS
@@ -178,7 +185,8 @@ class Candidate:
 def _space(name: str, cfg: Any) -> dict[str, tuple]:
     """The dimensions of :data:`SPACE` that apply to method ``name``."""
     spec = search_spec(name, cfg)
-    dims: dict[str, tuple] = {"lr": SPACE["lr"]}
+    own = _own_step(spec)
+    dims: dict[str, tuple] = {"lr": own[2] if own else SPACE["lr"]}
     dims["noise"] = (FIXED_NOISE[name],) if name in FIXED_NOISE else SPACE["noise"]
     if spec.method.is_variational:
         dims["init_var"] = SPACE["init_var"]
@@ -188,13 +196,32 @@ def _space(name: str, cfg: Any) -> dict[str, tuple]:
     return dims
 
 
+def _own_step(spec: _uci.MethodSpec) -> tuple | None:
+    """The :data:`OWN_STEP` entry of a method trained by its own step rule."""
+    for flag, entry in OWN_STEP.items():
+        if getattr(spec, flag, False):
+            return entry
+    return None
+
+
+def _with_step(spec: _uci.MethodSpec, cfg: Any, step: Any) -> _Overlay:
+    """``cfg`` whose method step (Adam's ``lr``, or the :data:`OWN_STEP`
+    field) is ``step``."""
+    own = _own_step(spec)
+    if own is None:
+        return _Overlay(cfg, lr=step)
+    section, field, _ = own
+    return _Overlay(cfg, **{section: _Overlay(cfg[section], **{field: step})})
+
+
 def candidates(name: str, cfg: Any, budget: int, seed: int = 0) -> list[Candidate]:
     """``budget`` distinct candidates of method ``name``: the config's setting
     first, then the method's grid in a random order fixed by ``seed`` and
     ``name`` (the same for every data set and split)."""
     dims = _space(name, cfg)
+    own = _own_step(search_spec(name, cfg))
     default = {
-        "lr": float(cfg.lr),
+        "lr": float(cfg[own[0]][own[1]] if own else cfg.lr),
         "noise": FIXED_NOISE.get(
             name, "heteroscedastic" if cfg.heteroscedastic else "homoscedastic"
         ),
@@ -359,7 +386,7 @@ def _run_structure(
 
     def one(data, pos, lr, init_var, cutoff, key):
         x, y, xe, ye = (a[pos] for a in data)
-        tx = _uci._optimizer(spec, rep.overlay(cfg, lr=lr), n_train)
+        tx = _uci._optimizer(spec, _with_step(spec, rep.overlay(cfg), lr), n_train)
         if final:
             tx = optax.chain(tx, _freeze_after(cutoff))
         run = make_scan_fit(
