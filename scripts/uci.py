@@ -251,6 +251,24 @@ def _run_groups(groups, loaded, records, results_path, fingerprint, cfg, guard):
     return records
 
 
+def _check_budget(cfg, methods) -> None:
+    """Every method's grid must hold ``search_budget`` candidates (checked
+    before the first group runs, not when a small grid is reached)."""
+    from dualflow.benchmarks.uci_search import candidates
+    from dualflow.errors import ConfigError
+
+    budget = cfg.search_budget
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ConfigError(
+            f"config.search_budget must be an integer >= 1, got {budget!r}."
+        )
+    for m in methods:
+        try:
+            candidates(m, cfg, budget, int(cfg.search_seed))
+        except ValueError as err:
+            raise ConfigError(f"config.search_budget: {err}") from None
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(
@@ -292,6 +310,7 @@ def main(argv: list[str]) -> None:
     # --- everything a run can be refused for is checked before anything is written
     datasets = _parse_list(cfg.datasets, UCI_DATASETS, "datasets")
     methods = _parse_list(cfg.methods, search_methods(), "methods")
+    _check_budget(cfg, methods)
     workdir = Path(cfg.workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"workdir {workdir} exists and is not a folder.")

@@ -561,3 +561,22 @@ def test_every_method_runs_a_group_on_small_data(tmp_path):
             assert math.isfinite(r["rmse"]) and math.isfinite(r["test_ll"])
             assert r["epochs"] in (r["epoch_budget"] // 2, r["epoch_budget"])
             assert r["n_train"] == 52 and r["n_test"] == 8
+
+
+def test_report_picks_the_bp_variant_on_validation_not_test():
+    """bp_von has the better validation LL and the worse test LL: it is the
+    one reported (choosing on test would flatter the table)."""
+    recs = []
+    for k in range(3):
+        for m, val, test in (("bp", -0.30, -2.30), ("bp_von", -0.20, -2.60)):
+            recs.append(
+                dict(dataset="boston", method=m, split=k, rmse=3.0, test_ll=test,
+                     val_ll=val, seconds=1.0)
+            )  # fmt: skip
+    md = markdown_table(summarize(recs), ["bp", "bp_von"])
+    assert "| boston | bp_von | -2.60 |" in md
+    assert "never the best test LL." in md
+    for r in recs:
+        del r["val_ll"]  # records from before validation LL: flagged
+    md = markdown_table(summarize(recs), ["bp", "bp_von"])
+    assert "| boston | bp | -2.30 |" in md and "an optimistic pick" in md

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 from pathlib import Path
@@ -298,3 +299,29 @@ def test_own_step_methods_search_their_own_step():
     assert {c.lr for c in candidates("bp", cfg, budget=3)} <= set(SPACE["lr"]) | {
         cfg.lr
     }
+
+
+def test_search_space_is_part_of_the_fingerprint(monkeypatch):
+    """Records of another grid must not be reused as finished."""
+    from dualflow.benchmarks import uci_search
+    from dualflow.benchmarks.uci import config_fingerprint, default_config
+
+    base = config_fingerprint(default_config())
+    monkeypatch.setitem(uci_search.SPACE, "lr", (1e-3,))
+    assert config_fingerprint(default_config()) != base
+
+
+def test_bad_budget_is_refused_before_anything_runs(tmp_path):
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    for budget in ("7", "0"):  # the ensemble grid has 6 points
+        out = subprocess.run(
+            [sys.executable, str(repo / "scripts" / "uci.py"),
+             "--config=configs/uci.py", f"--config.search_budget={budget}",
+             f"--workdir={tmp_path / 'w'}"],
+            capture_output=True, text=True, cwd=repo, timeout=120,
+        )  # fmt: skip
+        assert out.returncode != 0
+        lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+        assert lines[0].startswith("error: config.search_budget"), out.stderr[-800:]
+        assert "Traceback" not in out.stderr
+        assert not (tmp_path / "w").exists()

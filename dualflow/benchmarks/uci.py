@@ -613,6 +613,17 @@ def config_fingerprint(cfg: Mapping | Any) -> dict:
         sub = get(section)
         sub = sub.to_dict() if hasattr(sub, "to_dict") else dict(sub)
         out[section] = {k: _plain(v) for k, v in sub.items()}
+    from dualflow.benchmarks import uci_search  # (imports this module)
+
+    out["search_space"] = repr(
+        (
+            uci_search.SPACE,
+            uci_search.OWN_STEP,
+            uci_search.FIXED_NOISE,
+            uci_search.EXTRA_METHODS,
+            uci_search.GH_ORDER,
+        )
+    )
     return out
 
 

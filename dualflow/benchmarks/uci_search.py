@@ -321,7 +321,10 @@ def _freeze_after(steps: jax.Array) -> optax.GradientTransformation:
 
     def update(updates, count, params=None):
         keep = count < steps
-        return jax.tree.map(lambda u: u * keep.astype(u.dtype), updates), count + 1
+        # where, not a product: a non-finite update after the snapshot must not
+        # reach it (NaN * 0 is NaN)
+        frozen = jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros_like(u)), updates)
+        return frozen, count + 1
 
     return optax.GradientTransformation(init, update)
 
