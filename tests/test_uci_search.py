@@ -64,9 +64,13 @@ def _tiny(budget: int = 3):
 
 
 # ------------------------------------------------------------------ selection
-def test_select_picks_the_best_validation_ll_per_split():
+def test_select_picks_the_best_validation_ll_per_split(monkeypatch):
     """val_ll [candidates, splits, evaluation points]: the arg-max over
-    (candidate, point) per split; non-finite values never win."""
+    (candidate, point) per split; non-finite values never win (no smoothing
+    here, see the next test)."""
+    from dualflow.benchmarks import uci_search
+
+    monkeypatch.setattr(uci_search, "SMOOTH", 1)
     val = np.full((3, 2, 4), -5.0)
     val[1, 0, 2] = -1.0  # split 0: candidate 1 at point 2
     val[2, 0, 3] = np.nan  # a diverged run never wins
@@ -78,6 +82,28 @@ def test_select_picks_the_best_validation_ll_per_split():
     np.testing.assert_array_equal(best, [-1.0, -2.0])
     cand, _, best = select(np.full((2, 1, 3), np.nan))
     assert best[0] == -np.inf
+
+
+def test_select_prefers_stable_plateaus_to_lucky_or_unstable_points():
+    """A lone lucky point (candidate 0) loses to a plateau (candidate 1) once
+    points are averaged over SMOOTH; the best curve of split 1 (candidate 1)
+    went NaN later, so the stable candidate 2 is taken there."""
+    from dualflow.benchmarks.uci_search import SMOOTH
+
+    assert SMOOTH == 3
+    val = np.full((3, 2, 6), -5.0)
+    val[0, 0, 3] = -1.0  # lucky: trailing mean (-5 -5 -1)/3 = -3.67
+    val[1, 0, 2:5] = -2.5  # plateau: -2.5
+    val[1, 1, :3] = -1.0
+    val[1, 1, 5] = np.nan  # blows up at the end
+    val[2, 1, :] = -3.0
+    cand, point, best = select(val)
+    np.testing.assert_array_equal(cand, [1, 2])
+    assert point[0] == 4 and best[0] == -2.5
+    assert best[1] == -3.0
+    # when every candidate went non-finite somewhere, the best finite mean wins
+    val[2, 1, 0] = val[0, 1, 0] = np.nan
+    assert select(val)[0][1] == 1
 
 
 def test_every_method_gets_the_same_budget_starting_with_the_config():
@@ -325,3 +351,35 @@ def test_bad_budget_is_refused_before_anything_runs(tmp_path):
         assert lines[0].startswith("error: config.search_budget"), out.stderr[-800:]
         assert "Traceback" not in out.stderr
         assert not (tmp_path / "w").exists()
+
+
+def test_a_diverged_retraining_falls_back_to_the_next_best_setting(monkeypatch):
+    """Split 1's retraining goes non-finite with candidate 0: it is retrained
+    with its next-best validation candidate (1), and only split 1 is rerun."""
+    from dualflow.benchmarks import uci_search
+
+    calls = []
+
+    def fake_final(data, name, split_ids, cfg, sel):
+        calls.append((list(split_ids), np.asarray(sel["candidate"]).tolist()))
+        n = len(split_ids)
+        finite = np.array(
+            [not (k == 1 and c == 0) for k, c in zip(split_ids, sel["candidate"])]
+        )
+        return np.full(n, -1.0), np.full(n, 0.5), finite, [None] * n
+
+    monkeypatch.setattr(uci_search, "_final", fake_final)
+    monkeypatch.setattr(uci_search, "SMOOTH", 1)
+    val = np.full((3, 2, 4), -5.0)
+    val[0, :, 1] = -1.0  # candidate 0 best on both splits
+    val[2, 1, 3] = -2.0  # split 1's runner-up: candidate 2 at point 3
+    cand, point, best = uci_search.select(val)
+    sel = {"candidate": cand, "epochs": (point + 1) * 10, "val_ll": best,
+           "val": val, "epoch_budget": 40}  # fmt: skip
+    ll, se, full, fallbacks = uci_search._final_with_fallback(
+        None, "bp", [0, 1], None, sel
+    )
+    assert calls == [([0, 1], [0, 0]), ([1], [2])]
+    assert fallbacks.tolist() == [0, 1]
+    assert sel["candidate"].tolist() == [0, 2] and sel["epochs"].tolist() == [20, 40]
+    assert sel["val_ll"].tolist() == [-1.0, -2.0]

@@ -79,7 +79,8 @@ __all__ = [
 
 # Bump when a change alters the numbers a config produces; it is part of the
 # fingerprint stored with every record, so old records are not reused.
-PROTOCOL_VERSION = 2  # 2: per-data-set search (uci_search.py), test rows once
+PROTOCOL_VERSION = 3  # 2: per-data-set search (uci_search.py), test rows once;
+# 3: unstable candidates lose, smoothed validation curves, fallback on divergence
 
 UCI_METHODS = (
     "bp",

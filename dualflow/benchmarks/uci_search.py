@@ -123,6 +123,7 @@ OWN_STEP = {
 FIXED_NOISE = {"bp": "homoscedastic", "bp_het": "heteroscedastic"}
 EXTRA_METHODS = ("bp_het",)  # methods the search adds to UCI_METHODS
 GH_ORDER = 32  # Gauss-Hermite nodes of the heteroscedastic bp predictive
+SMOOTH = 3  # validation points averaged (trailing) before the argmax
 # ``hook(program, *args) -> outputs`` replaces each call of a compiled program
 # when set (used to time compilation and running separately)
 _PROGRAM_HOOK = None
@@ -247,14 +248,36 @@ def candidates(name: str, cfg: Any, budget: int, seed: int = 0) -> list[Candidat
 def select(val_ll: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best (candidate, evaluation point) per split of ``val_ll [C, S, E]``.
 
-    Non-finite values never win.  Returns ``(candidate [S], point [S],
+    Non-finite values never win; a candidate whose curve on a split has any
+    non-finite point loses to every candidate whose curve has none; each point
+    is scored by the trailing mean of :data:`SMOOTH` points (``best_ll`` is
+    that mean).  Returns ``(candidate [S], point [S],
     best_ll [S])``; ``best_ll`` is ``-inf`` where every value is non-finite.
     """
     v = np.where(np.isfinite(val_ll), val_ll, -np.inf)
+    # a candidate whose curve went non-finite on a split is unstable there: it
+    # loses to every stable one (its early best point may sit just before a
+    # blow-up that the retraining, on 25 % more steps per epoch, runs into)
+    stable = np.isfinite(val_ll).all(axis=2)  # [C, S]
+    some = stable.any(axis=0)  # [S]
+    v = np.where((stable | ~some[None, :])[:, :, None], v, -np.inf)
+    v = _trailing_mean(v, SMOOTH)
     c, s, e = v.shape
     flat = v.transpose(1, 0, 2).reshape(s, c * e)
     idx = flat.argmax(axis=1)
     return idx // e, idx % e, flat[np.arange(s), idx]
+
+
+def _trailing_mean(v: np.ndarray, width: int) -> np.ndarray:
+    """Mean over the last ``width`` evaluation points (fewer at the start):
+    a point is judged with its neighbours, so the argmax over ~50 points x
+    candidates does not pick one lucky noisy evaluation.  ``-inf`` stays."""
+    if width <= 1:
+        return v
+    out = np.empty_like(v)
+    for j in range(v.shape[-1]):
+        out[..., j] = v[..., max(0, j - width + 1) : j + 1].mean(axis=-1)
+    return out
 
 
 def heteroscedastic_bp_log_likelihood(
@@ -410,7 +433,11 @@ def _run_structure(
             params = _scale_logvar(params, jnp.log(init_var / base_iv))
         params, rest, hist = run(params, rest, x, y, k_run, (xe, ye))
         if final:
-            return ev(nnx.merge(graphdef, params, rest), (xe, ye), k_eval)
+            out = ev(nnx.merge(graphdef, params, rest), (xe, ye), k_eval)
+            # divergence is judged on the parameters, never on test rows
+            leaves = jax.tree.leaves(params)
+            out["finite"] = jnp.all(jnp.stack([jnp.isfinite(a).all() for a in leaves]))
+            return out
         return {"ll": hist["ll"]}
 
     program = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0)))
@@ -501,6 +528,7 @@ def select_group(
         "val_ll": best_ll,
         "epoch_budget": budget,
         "n_finite": np.isfinite(val).any(axis=2).sum(axis=0),
+        "val": val,
     }
 
 
@@ -517,6 +545,7 @@ def _final(
     cands, chosen = sel["candidates"], sel["candidate"]
     key = jax.random.fold_in(_group_key(cfg, data.name, name), 1)
     ll, se = np.full(len(split_ids), np.nan), np.full(len(split_ids), np.nan)
+    finite = np.zeros(len(split_ids), bool)
     for pos in _by_structure(cands, chosen).values():
         pos = np.asarray(pos)
         epochs = sel["epochs"][pos]
@@ -527,8 +556,47 @@ def _final(
             epochs=int(epochs.max()), eval_every=1, num_samples=cfg.test_samples,
             final=True,
         )  # fmt: skip
-        ll[pos], se[pos] = out["ll"], out["se"]
-    return ll, se, full
+        ll[pos], se[pos], finite[pos] = out["ll"], out["se"], out["finite"]
+    return ll, se, finite, full
+
+
+def _final_with_fallback(
+    data: UCIData,
+    name: str,
+    split_ids: Sequence[int],
+    cfg: Any,
+    sel: dict,
+    tries: int = 2,
+) -> tuple[np.ndarray, np.ndarray, list, np.ndarray]:
+    """:func:`_final`; a split whose retrained parameters went non-finite is
+    retrained with its next-best validation (candidate, epoch), up to
+    ``tries`` times (``sel`` is updated).  Returns ``ll, se, full`` and the
+    number of fallbacks per split."""  # fmt: skip
+    ll, se, finite, full = _final(data, name, split_ids, cfg, sel)
+    fallbacks = np.zeros(len(split_ids), int)
+    val = sel["val"].copy()
+    every = sel["epoch_budget"] // val.shape[2]
+    for _ in range(tries):
+        bad = np.flatnonzero(~finite)
+        if not bad.size:
+            break
+        for i in bad:
+            val[sel["candidate"][i], i, :] = -np.inf
+        c, e, best = select(val[:, bad])
+        ok = np.isfinite(best)
+        bad, c, e, best = bad[ok], c[ok], e[ok], best[ok]
+        if not bad.size:
+            break
+        sel["candidate"][bad], sel["epochs"][bad], sel["val_ll"][bad] = (
+            c,
+            (e + 1) * every,
+            best,
+        )
+        fallbacks[bad] += 1
+        sub = {**sel, "candidate": c, "epochs": sel["epochs"][bad]}
+        sll, sse, sfin, _ = _final(data, name, [split_ids[i] for i in bad], cfg, sub)
+        ll[bad], se[bad], finite[bad] = sll, sse, sfin
+    return ll, se, full, fallbacks
 
 
 def run_search_group(
@@ -560,7 +628,7 @@ def run_search_group(
         check_finite(data.y[rows], data.name, "UCIData.y", "target")
     t0 = time.time()
     sel = select_group(data, name, split_ids, cfg, cands)
-    ll, se, full = _final(data, name, split_ids, cfg, sel)
+    ll, se, full, fallbacks = _final_with_fallback(data, name, split_ids, cfg, sel)
     seconds = (time.time() - t0) / len(split_ids)
     records = []
     for i, k in enumerate(split_ids):
@@ -586,6 +654,9 @@ def run_search_group(
                 "epochs": epochs,
                 "epoch_budget": int(sel["epoch_budget"]),
                 "val_ll": float(sel["val_ll"][i]),
+                # retrainings that went non-finite before this one (each time
+                # the next-best validation setting was taken)
+                "fallbacks": int(fallbacks[i]),
                 "n_train": int(sp.x_train.shape[0]),
                 "n_test": int(sp.x_test.shape[0]),
                 "data_fingerprint": data.fingerprint(k),
