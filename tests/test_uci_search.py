@@ -364,7 +364,10 @@ def test_a_diverged_retraining_falls_back_to_the_next_best_setting(monkeypatch):
         calls.append((list(split_ids), np.asarray(sel["candidate"]).tolist()))
         n = len(split_ids)
         finite = np.array(
-            [not (k == 1 and c == 0) for k, c in zip(split_ids, sel["candidate"])]
+            [
+                not (k == 1 and c == 0)
+                for k, c in zip(split_ids, sel["candidate"], strict=True)
+            ]
         )
         return np.full(n, -1.0), np.full(n, 0.5), finite, [None] * n
 
