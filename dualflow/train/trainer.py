@@ -26,7 +26,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -526,8 +525,7 @@ def _precision_context(cfg):
     of the moment products for ``"bf16_compute"``; ``""``: JAX's own."""
     from dualflow.moments.linear import precision_context
 
-    precision = cfg.get("precision", "")
-    return precision_context(precision) if precision else nullcontext()
+    return precision_context(cfg.get("precision", ""))  # "": nullcontext
 
 
 class BareStep:
