@@ -30,6 +30,7 @@ __all__ = [
     "json_safe",
     "markdown_table",
     "plot_summary",
+    "setting_label",
     "summarize",
 ]
 
@@ -287,10 +288,10 @@ def _target_section(
     )
     lines.append("")
     lines.append(
-        "| data set | best bp variant | LL | best published | source | beats |"
-        " our ensemble | beats it |"
+        "| data set | best bp variant | LL | ± se | best published | source |"
+        " difference | beats | our ensemble | difference | beats it |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     wins = 0
     counted = 0
     ens_wins = ens_counted = 0
@@ -311,15 +312,18 @@ def _target_section(
         wins += win
         counted += 1
         ens = summary[ds].get("ensemble")
-        ens_ll, ens_win = "", ""
+        ens_ll, ens_diff, ens_win = "", "", ""
         if ens is not None and _ok(ens):
             ens_ll, ens_win = f"{ens['ll']:.2f}", have[m] > ens["ll"]
+            ens_diff = f"{have[m] - ens['ll']:+.2f}"
             ens_wins += ens_win
             ens_counted += 1
             ens_win = "yes" if ens_win else "no"
+        se = summary[ds][m].get("ll_se", float("nan"))
         lines.append(
-            f"| {ds} | {m} | {have[m]:.2f} | {ref:g} | {src} |"
-            f" {'yes' if win else 'no'} | {ens_ll} | {ens_win} |"
+            f"| {ds} | {m} | {have[m]:.2f} | {se:.2f} | {ref:g} | {src} |"
+            f" {have[m] - ref:+.2f} | {'yes' if win else 'no'} | {ens_ll} |"
+            f" {ens_diff} | {ens_win} |"
         )
     lines.append("")
     lines.append(
@@ -330,6 +334,11 @@ def _target_section(
             if ens_counted
             else "."
         )
+    )
+    lines.append(
+        "*difference*: the bp variant's mean test LL minus the reference (nats;"
+        " positive = better); *± se*: its standard error over splits (the"
+        " published values' own errors are not included)."
     )
     lines.append(
         "The bp variant of a data set is the one with the best mean"
@@ -412,7 +421,7 @@ def plot_summary(
     fig.savefig(path, dpi=110)
 
 
-def _setting(chosen: dict) -> str:
+def setting_label(chosen: dict) -> str:
     """``lr=0.01 noise=het ...`` without the epochs."""
     short = {"homoscedastic": "hom", "heteroscedastic": "het", "empirical_bayes": "EB"}
     return " ".join(
@@ -442,7 +451,7 @@ def chosen_table(records: Iterable[dict], methods: Sequence[str]) -> str:
             chosen = groups.get((ds, m))
             if not chosen:
                 continue
-            settings = [_setting(c) for c in chosen]
+            settings = [setting_label(c) for c in chosen]
             top = max(sorted(set(settings)), key=settings.count)  # stable ties
             epochs = int(np.median([c.get("epochs", 0) for c in chosen]))
             lines.append(
