@@ -11,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -142,6 +143,52 @@ def test_search_never_reads_test_rows(tmp_path):
         np.testing.assert_array_equal(clean[k], corrupt[k])
     with pytest.raises(DataError):
         run_search_group(bad, "bp_het", [0], cfg, log=lambda *_: None)
+
+
+def test_search_seeds_score_the_mean_of_independent_trainings(tmp_path, monkeypatch):
+    """``search_seeds=2``: each (candidate, split) validation curve is the mean
+    of the curves of two trainings -- the one ``search_seeds=1`` runs (same
+    key: protocol-3 records stay reproducible) and one with an independent key;
+    the selection is the argmax of that mean."""
+    from dualflow.benchmarks import uci_search
+
+    _write_uci(tmp_path)
+    data = load_uci("yacht", tmp_path)
+    cfg = _tiny()
+    cfg.max_steps = 48
+    cands = candidates("bp", cfg, 3)
+    one = select_group(data, "bp", [0, 1], cfg, cands)
+    cfg.search_seeds = 2
+    two = select_group(data, "bp", [0, 1], cfg, cands)
+    orig = uci_search._run_key
+    monkeypatch.setattr(  # the second training's key, alone
+        uci_search, "_run_key", lambda key, k, c, r: orig(key, k, c, r + 1)
+    )
+    cfg.search_seeds = 1
+    other = select_group(data, "bp", [0, 1], cfg, cands)
+    assert np.all(np.isfinite(one["val"])) and np.all(np.isfinite(other["val"]))
+    assert np.abs(one["val"] - other["val"]).max() > 1e-3  # independent trainings
+    np.testing.assert_allclose(
+        two["val"], (one["val"] + other["val"]) / 2, rtol=1e-5, atol=1e-6
+    )
+    c, e, best = select((one["val"] + other["val"]) / 2)
+    np.testing.assert_array_equal(two["candidate"], c)
+    np.testing.assert_array_equal(two["epochs"], (e + 1) * (two["epoch_budget"] // 3))
+    for bad in (0, -1):
+        cfg.search_seeds = bad
+        with pytest.raises(ValueError, match="search_seeds"):
+            select_group(data, "bp", [0], cfg, cands[:1])
+    for bad in (1.5, True, "2"):  # values a ConfigDict would refuse itself
+        with pytest.raises(ValueError, match="search_seeds"):
+            uci_search._search_seeds(types.SimpleNamespace(search_seeds=bad))
+    assert uci_search._search_seeds(types.SimpleNamespace()) == 1  # older configs
+
+
+def test_search_seeds_enter_the_fingerprint_only_when_not_one():
+    cfg = uci_bench.default_config()
+    assert "search_seeds" not in uci_bench.config_fingerprint(cfg)
+    cfg.search_seeds = 3
+    assert uci_bench.config_fingerprint(cfg)["search_seeds"] == 3
 
 
 def test_search_prefers_the_candidate_with_better_validation_ll(tmp_path):
@@ -339,16 +386,17 @@ def test_search_space_is_part_of_the_fingerprint(monkeypatch):
 
 def test_bad_budget_is_refused_before_anything_runs(tmp_path):
     repo = pathlib.Path(__file__).resolve().parents[1]
-    for budget in ("7", "0"):  # the ensemble grid has 6 points
+    bad = [("search_budget", "7"), ("search_budget", "0"), ("search_seeds", "0")]
+    for field, value in bad:  # the ensemble grid has 6 points
         out = subprocess.run(
             [sys.executable, str(repo / "scripts" / "uci.py"),
-             "--config=configs/uci.py", f"--config.search_budget={budget}",
+             "--config=configs/uci.py", f"--config.{field}={value}",
              f"--workdir={tmp_path / 'w'}"],
             capture_output=True, text=True, cwd=repo, timeout=120,
         )  # fmt: skip
         assert out.returncode != 0
         lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-        assert lines[0].startswith("error: config.search_budget"), out.stderr[-800:]
+        assert lines[0].startswith(f"error: config.{field}"), out.stderr[-800:]
         assert "Traceback" not in out.stderr
         assert not (tmp_path / "w").exists()
 

@@ -27,6 +27,12 @@ Search space (:data:`SPACE`; a dimension applies where the method has it):
 * ``dropout_rate`` -- ``mc_dropout`` only;
 * the number of epochs, by early stopping on the validation split (as before).
 
+``config.search_seeds = R > 1`` trains every (candidate, split) R times with
+independent keys in the search and scores the mean of the R validation curves
+(R x the search cost): one training's validation LL varies with the seed by
+more than the candidates differ on the small data sets, and the argmax over
+candidates otherwise rewards the luckiest run.
+
 **Budget.**  Every method gets the same number of candidates
 (``config.search_budget``): the config's global setting first, then distinct
 points of the method's grid in a fixed random order (random search on a grid,
@@ -361,6 +367,24 @@ def _group_key(cfg: Any, dataset: str, method: str) -> jax.Array:
     return jax.random.fold_in(key, _uci._stable_hash(method))
 
 
+def _search_seeds(cfg: Any) -> int:
+    """``config.search_seeds`` (absent in older configs: 1)."""
+    try:
+        reps = cfg.search_seeds
+    except (AttributeError, KeyError):
+        return 1
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"config.search_seeds must be an integer >= 1, got {reps!r}.")
+    return reps
+
+
+def _run_key(key: jax.Array, split: int, cand: int, rep: int) -> jax.Array:
+    """The training key of one search run; repetition 0 is the key protocol 3
+    used (so ``search_seeds=1`` reproduces its records)."""
+    k = jax.random.fold_in(jax.random.fold_in(key, split), cand)
+    return k if rep == 0 else jax.random.fold_in(k, 1_000_003 + rep)
+
+
 def _by_structure(cands: Sequence[Candidate], idx: Sequence[int]) -> dict:
     """``{structure: [positions in idx]}`` for the candidates ``cands[idx]``."""
     out: dict[tuple, list[int]] = {}
@@ -488,22 +512,26 @@ def select_group(
         cands = candidates(name, cfg, cfg.search_budget, cfg.search_seed)
     stacked = _uci._stack_splits(inner)
     key = jax.random.fold_in(_group_key(cfg, data.name, name), 0)
-    s = len(split_ids)
-    val = np.full((len(cands), s, budget // every), -np.inf)
+    s, reps = len(split_ids), _search_seeds(cfg)
+    val = np.full((len(cands), s, reps, budget // every), -np.inf)
     for cpos in _by_structure(cands, range(len(cands))).values():
-        cidx = np.repeat(cpos, s)
-        pos = np.tile(np.arange(s), len(cpos))
+        cidx = np.repeat(cpos, s * reps)
+        pos = np.tile(np.repeat(np.arange(s), reps), len(cpos))
+        rep = np.tile(np.arange(reps), s * len(cpos))
         keys = [
-            jax.random.fold_in(jax.random.fold_in(key, split_ids[p]), c)
-            for c, p in zip(cidx, pos, strict=True)
+            _run_key(key, split_ids[p], c, r)
+            for c, p, r in zip(cidx, pos, rep, strict=True)
         ]
         hist = _run_structure(
             name, cands[cpos[0]], cfg, data.n_hidden, stacked,
             _runs(cands, cidx, pos, keys),
             epochs=budget, eval_every=every, num_samples=cfg.val_samples, final=False,
-            chunk=cfg.search_chunk * s,
+            chunk=cfg.search_chunk * s * reps,
         )  # fmt: skip
-        val[cpos] = hist["ll"].reshape(len(cpos), s, -1)
+        val[cpos] = hist["ll"].reshape(len(cpos), s, reps, -1)
+    # a candidate's curve is the mean over its independent trainings (any
+    # non-finite one makes the point non-finite: the candidate is unstable)
+    val = val.mean(axis=2) if reps > 1 else val[:, :, 0]
     best_c, best_e, best_ll = select(val)
     if not np.all(np.isfinite(best_ll)):
         bad = [k for k, v in zip(split_ids, best_ll, strict=True) if not np.isfinite(v)]
