@@ -520,6 +520,93 @@ def _tiny(cfg):
     return cfg
 
 
+def _run_config(tmp_path, **fields):
+    cfg = _uci_config()
+    cfg.data_dir, cfg.workdir = str(tmp_path / "data"), str(tmp_path / "work")
+    cfg.datasets, cfg.methods, cfg.splits = "yacht", "bp,bp_het", "0,1"
+    cfg.update(fields)
+    return cfg
+
+
+def test_load_records_checks_results_json(tmp_path):
+    from dualflow.benchmarks.uci_run import load_records
+    from dualflow.errors import DualflowError
+
+    path = tmp_path / "results.json"
+    assert load_records(path) == []  # absent: a fresh run
+    recs = [{"dataset": "yacht", "method": "bp", "split": 0, "rmse": 1.0}]
+    path.write_text(json.dumps(recs))
+    assert load_records(path) == recs
+    for text, match in (
+        ("{}", "must hold a JSON list of records, not dict"),
+        ("[1]", "record 0 is int, not an object"),
+        ('[{"dataset": "yacht", "method": "bp", "split": true}]', "split=True"),
+    ):
+        path.write_text(text)
+        with pytest.raises(DualflowError, match=match) as err:
+            load_records(path)
+        assert "this run wrote nothing" in err.value.hint
+
+
+def test_resolve_config_applies_quick_and_workdir(capsys):
+    from dualflow.benchmarks.uci import QUICK
+    from dualflow.benchmarks.uci_run import QUICK_WORKDIR, resolve_config
+
+    cfg = _uci_config()
+    cfg.quick, cfg.methods = True, "bp"
+    resolve_config(cfg, {"methods"})
+    assert cfg.workdir == QUICK_WORKDIR and cfg.methods == "bp"
+    assert cfg.datasets == QUICK["datasets"]
+    assert capsys.readouterr().out == "quick: keeping the explicit methods\n"
+    cfg = _uci_config()
+    resolve_config(cfg, {"workdir"}, workdir="/elsewhere")  # not quick: unchanged
+    assert cfg.workdir == "/elsewhere" and cfg.datasets != QUICK["datasets"]
+
+
+def test_plan_run_resumes_refuses_changed_data_and_writes_nothing(tmp_path):
+    """Finished records are skipped; records of changed (or unfingerprinted)
+    data are refused unless rerun (or adopted); planning writes nothing."""
+    from dualflow.benchmarks.uci_run import plan_run, quick_check
+    from dualflow.errors import DataError
+
+    _write_uci(tmp_path / "data", "yacht", n=40, d=3, splits=3)
+    plan = plan_run(_run_config(tmp_path))
+    assert plan.groups == [("yacht", "bp", [0, 1]), ("yacht", "bp_het", [0, 1])]
+    assert not (tmp_path / "work").exists()
+    data = plan.loaded["yacht"]
+    recs = [
+        dict(dataset="yacht", method="bp", split=k, config=plan.fingerprint,
+             data_fingerprint=data.fingerprint(k), rmse=1.0, test_ll=-1.0)
+        for k in (0, 1, 2)
+    ]  # fmt: skip
+    (tmp_path / "work").mkdir()
+    path = tmp_path / "work" / "results.json"
+    path.write_text(json.dumps(recs))
+    plan = plan_run(_run_config(tmp_path))
+    assert plan.groups == [("yacht", "bp_het", [0, 1])] and not plan.stale
+    recs[1]["data_fingerprint"] = "other data"
+    del recs[0]["data_fingerprint"]
+    path.write_text(json.dumps(recs))
+    with pytest.raises(DataError, match="yacht .1 records: bp; splits 1.") as err:
+        plan_run(_run_config(tmp_path))
+    assert "1 records of yacht without a data fingerprint" in str(err.value)
+    assert "--config.adopt_unfingerprinted=True" in err.value.hint
+    plan = plan_run(
+        _run_config(tmp_path, adopt_unfingerprinted=True, rerun_changed=True)
+    )
+    assert plan.adopted == 1 and plan.records[0]["data_fingerprint"]
+    assert plan.stale_keys == {("yacht", "bp", 1)}
+    assert plan.groups == [("yacht", "bp", [1]), ("yacht", "bp_het", [0, 1])]
+    assert json.loads(path.read_text()) == recs  # stamped in memory only
+    for r in recs:  # the quick check: finite, well below the mean's RMSE
+        r["rmse"] = 1e-3
+    assert quick_check(recs, plan.loaded) == []
+    recs[2]["rmse"] = math.nan
+    problems = quick_check(recs, plan.loaded)
+    assert problems[0] == "yacht/bp/2: not finite" and len(problems) == 2
+    assert problems[1].startswith("yacht/bp/split 2: RMSE nan is not below 0.6 x")
+
+
 def test_metrics_are_reported_in_original_units(tmp_path):
     """Targets scaled by c and shifted: training (in standardised units) is
     unchanged, so RMSE scales by c and the log-likelihood shifts by -log c; a
