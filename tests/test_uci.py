@@ -421,6 +421,14 @@ def test_report_counts_wins_against_the_best_published_ll():
             )  # fmt: skip
     md = markdown_table(summarize(recs), ["bp", "ensemble"])
     assert "this run's deep ensemble (same search budget) on 1 of 2" in md
+    # the goal row: LL, its standard error, Δ to the best published and to
+    # the ensemble (-2.31 - (-2.40) = +0.09, -2.31 - (-2.50) = +0.19)
+    row = "| boston | bp | -2.31 | 0.01 | -2.4 | MC dropout (grid re-run) | +0.09 |"
+    assert row + " yes | -2.50 | +0.19 | yes |" in md
+    assert "| yacht | bp | -0.90 | 0.00 | -0.47 | DVI | -0.43 | no | -0.50 |" in md
+    one = markdown_table(summarize([recs[0]]), ["bp"])  # one split: no se
+    (line,) = [ln for ln in one.splitlines() if ln.startswith("| boston | bp |")]
+    assert line.startswith("| boston | bp | -2.30 | — | -2.4 |"), line
     for entry in PUBLISHED.values():
         assert entry["cite"].split(",")[0] in md
 

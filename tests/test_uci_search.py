@@ -180,15 +180,27 @@ def test_search_seeds_score_the_mean_of_independent_trainings(tmp_path, monkeypa
             select_group(data, "bp", [0], cfg, cands[:1])
     for bad in (1.5, True, "2"):  # values a ConfigDict would refuse itself
         with pytest.raises(ValueError, match="search_seeds"):
-            uci_search._search_seeds(types.SimpleNamespace(search_seeds=bad))
-    assert uci_search._search_seeds(types.SimpleNamespace()) == 1  # older configs
+            uci_search.search_seeds_of(types.SimpleNamespace(search_seeds=bad))
+    assert uci_search.search_seeds_of(types.SimpleNamespace()) == 1  # older configs
 
 
 def test_search_seeds_enter_the_fingerprint_only_when_not_one():
+    from dualflow.benchmarks import uci_run, uci_search
+
     cfg = uci_bench.default_config()
     assert "search_seeds" not in uci_bench.config_fingerprint(cfg)
+    assert "trainings" not in uci_run._header(cfg, "cmd", "abc", 60.0, 60.0)
+    # the first training of a candidate keeps protocol 3's key
+    key = jax.random.key(5)
+    old = jax.random.fold_in(jax.random.fold_in(key, 7), 2)
+    np.testing.assert_array_equal(
+        jax.random.key_data(uci_search._run_key(key, 7, 2, 0)),
+        jax.random.key_data(old),
+    )
     cfg.search_seeds = 3
     assert uci_bench.config_fingerprint(cfg)["search_seeds"] == 3
+    header = uci_run._header(cfg, "cmd", "abc", 60.0, 60.0)
+    assert "each scored by the mean of 3 trainings" in header
 
 
 def test_search_prefers_the_candidate_with_better_validation_ll(tmp_path):

@@ -289,7 +289,7 @@ def _target_section(
     lines.append("")
     lines.append(
         "| data set | best bp variant | LL | ± se | best published | source |"
-        " difference | beats | our ensemble | difference | beats it |"
+        " Δ published | beats | our ensemble | Δ ensemble | beats it |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     wins = 0
@@ -320,8 +320,9 @@ def _target_section(
             ens_counted += 1
             ens_win = "yes" if ens_win else "no"
         se = summary[ds][m].get("ll_se", float("nan"))
+        se = f"{se:.2f}" if _finite(se) else "—"  # one split: no standard error
         lines.append(
-            f"| {ds} | {m} | {have[m]:.2f} | {se:.2f} | {ref:g} | {src} |"
+            f"| {ds} | {m} | {have[m]:.2f} | {se} | {ref:g} | {src} |"
             f" {have[m] - ref:+.2f} | {'yes' if win else 'no'} | {ens_ll} |"
             f" {ens_diff} | {ens_win} |"
         )
@@ -336,7 +337,7 @@ def _target_section(
         )
     )
     lines.append(
-        "*difference*: the bp variant's mean test LL minus the reference (nats;"
+        "*Δ*: the bp variant's mean test LL minus the reference (nats;"
         " positive = better); *± se*: its standard error over splits (the"
         " published values' own errors are not included)."
     )

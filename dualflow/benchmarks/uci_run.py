@@ -3,11 +3,12 @@
 :func:`run_uci_benchmark` takes the config of ``configs/uci.py`` and
 
 * refuses, before writing anything, every run it cannot do: unknown data sets,
-  methods or splits, a ``search_budget`` larger than a method's grid, an
-  invalid ``results.json``, missing or malformed data, and records computed on
-  data that changed since (or that carry no data fingerprint) -- unless
-  ``rerun_changed`` (rerun those records) or ``adopt_unfingerprinted`` (stamp
-  the old records with the current data's fingerprint);
+  methods or splits, a ``search_budget`` larger than a method's grid, a
+  ``search_seeds`` below 1, an invalid ``results.json``, missing or malformed
+  data, and records computed on data that changed since (or that carry no
+  data fingerprint) -- unless ``rerun_changed`` (rerun those records) or
+  ``adopt_unfingerprinted`` (stamp the old records with the current data's
+  fingerprint);
 * skips the (data set, method, split) records of ``<workdir>/results.json``
   with the same config fingerprint and runs the rest, one (data set, method)
   group at a time (:func:`~dualflow.benchmarks.uci_search.run_search_group`),
@@ -53,10 +54,10 @@ from dualflow.benchmarks.uci_report import (
     summarize,
 )
 from dualflow.benchmarks.uci_search import (
-    _search_seeds,
     candidates,
     run_search_group,
     search_methods,
+    search_seeds_of,
 )
 from dualflow.data.uci import UCI_DATASETS, UCIData, load_uci, uci_split
 from dualflow.errors import (
@@ -138,7 +139,7 @@ def _check_budget(cfg: Any, methods: Sequence[str]) -> None:
         except ValueError as err:
             raise ConfigError(f"config.search_budget: {err}") from None
     try:
-        _search_seeds(cfg)
+        search_seeds_of(cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -449,7 +450,7 @@ def _reported(plan: RunPlan, records: list[dict]) -> list[dict]:
 
 def _header(cfg: Any, command: str, commit: str, wall: float, compute: float) -> str:
     """The first lines of ``table.md``: command, commit, times, protocol."""
-    seeds = _search_seeds(cfg)
+    seeds = search_seeds_of(cfg)
     reps = f", each scored by the mean of {seeds} trainings" if seeds > 1 else ""
     return (
         f"# UCI regression benchmark\n\n"
@@ -583,7 +584,7 @@ def run_uci_benchmark(
     *,
     explicit: Collection[str] = (),
     workdir: str | None = None,
-    command: str = "",
+    command: str = "run_uci_benchmark (called from Python)",
     commit: str | Callable[[], str] = "unknown",
 ) -> int:
     """Run (or resume) the benchmark of ``cfg`` (``configs/uci.py``) and write

@@ -105,6 +105,7 @@ __all__ = [
     "heteroscedastic_bp_log_likelihood",
     "run_search_group",
     "search_methods",
+    "search_seeds_of",
     "search_spec",
     "select",
     "select_group",
@@ -367,8 +368,12 @@ def _group_key(cfg: Any, dataset: str, method: str) -> jax.Array:
     return jax.random.fold_in(key, _uci._stable_hash(method))
 
 
-def _search_seeds(cfg: Any) -> int:
-    """``config.search_seeds`` (absent in older configs: 1)."""
+def search_seeds_of(cfg: Any) -> int:
+    """``config.search_seeds``, checked (absent in older configs: 1).
+
+    Raises:
+      ValueError: not an integer >= 1.
+    """
     try:
         reps = cfg.search_seeds
     except (AttributeError, KeyError):
@@ -512,7 +517,7 @@ def select_group(
         cands = candidates(name, cfg, cfg.search_budget, cfg.search_seed)
     stacked = _uci._stack_splits(inner)
     key = jax.random.fold_in(_group_key(cfg, data.name, name), 0)
-    s, reps = len(split_ids), _search_seeds(cfg)
+    s, reps = len(split_ids), search_seeds_of(cfg)
     val = np.full((len(cands), s, reps, budget // every), -np.inf)
     for cpos in _by_structure(cands, range(len(cands))).values():
         cidx = np.repeat(cpos, s * reps)

@@ -13,11 +13,12 @@ behind by the steps since its last checkpoint.
 
 :func:`inject` is a test hook: ``DUALFLOW_INJECT_FAULT="SIGINT@step:7"``
 (``<signal>[x<count>]@<point>[:<step>]``; points ``step``, ``save``,
-``save-write``, ``eval``, ``compile``; ``group`` in ``scripts/uci.py``) sends
-the signal to this process at that point, so a
-test can interrupt a subprocess at an exact moment (``save-write``: while
-orbax is writing checkpoint ``step``'s files; ``compile``: 0.2 s into the
-first train step).  Unset, it costs one dictionary look-up per call.
+``save-write``, ``eval``, ``compile``; ``group`` in
+``dualflow/benchmarks/uci_run.py``) sends the signal to this process at that
+point, so a test can interrupt a subprocess at an exact moment
+(``save-write``: while orbax is writing checkpoint ``step``'s files;
+``compile``: 0.2 s into the first train step).  Unset, it costs one
+dictionary look-up per call.
 """
 
 from __future__ import annotations
