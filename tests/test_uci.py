@@ -433,6 +433,29 @@ def test_report_counts_wins_against_the_best_published_ll():
         assert entry["cite"].split(",")[0] in md
 
 
+def test_plot_marks_a_collapsed_mean_off_scale(tmp_path):
+    """One method's mean ruined by one split (naval bp_von, -1.07e6) is drawn
+    at the panel's edge with its value; the other points keep their scale."""
+    from dualflow.benchmarks.uci_report import off_scale, plot_summary
+
+    vals = {"bp": 5.84, "bp_het": 5.66, "ensemble": 5.80, "reparam": 4.82}
+    assert off_scale(vals) == set()
+    assert off_scale({**vals, "bp_von": -1070165.6}) == {"bp_von"}
+    assert off_scale({"a": 1.0, "b": -1e9}) == set()  # too few to judge
+    assert off_scale({k: 1.0 for k in "abcd"}) == set()  # no spread
+    recs = [
+        dict(dataset="naval", method=m, split=k, rmse=0.001, seconds=1.0,
+             test_ll=(-2.1e7 if (m, k) == ("bp_von", 0) else v + 0.01 * k))
+        for m, v in {**vals, "bp_von": 6.0}.items()
+        for k in range(20)
+    ]  # fmt: skip
+    s = summarize(recs)
+    assert s["naval"]["bp_von"]["ll"] < -1e6
+    path = tmp_path / "uci.png"
+    plot_summary(s, list(s["naval"]), str(path))
+    assert path.stat().st_size > 10_000
+
+
 # ---------------------------------------------------------------- script
 def _script(*args, env_extra=None, timeout=600):
     env = dict(os.environ, DUALFLOW_DATA_DIR=DATA_DIR, JAX_PLATFORMS="cpu")

@@ -15,7 +15,7 @@ JSON files.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ __all__ = [
     "is_valid_record",
     "json_safe",
     "markdown_table",
+    "off_scale",
     "plot_summary",
     "setting_label",
     "summarize",
@@ -392,14 +393,19 @@ def plot_summary(
     for j, ds in enumerate(datasets):
         for i, metric in enumerate(("ll", "rmse")):
             ax = axes[i, j]
+            shown = {
+                m: summary[ds][m]
+                for m in methods
+                if m in summary[ds] and _ok(summary[ds][m])
+            }
+            off = off_scale({m: v[metric] for m, v in shown.items()})
             for k, m in enumerate(methods):
-                if m not in summary[ds] or not _ok(summary[ds][m]):
+                if m not in shown or m in off:
                     continue
-                v = summary[ds][m]
-                se = v[f"{metric}_se"]
+                se = shown[m][f"{metric}_se"]
                 ax.errorbar(
                     k,
-                    v[metric],
+                    shown[m][metric],
                     yerr=se if np.isfinite(se) else None,
                     fmt="o",
                     color=colors[k % len(colors)],
@@ -410,6 +416,7 @@ def plot_summary(
                 val = PUBLISHED[s].get(metric, {}).get(ds)
                 if val is not None:
                     ax.plot(len(methods) + 0.5, val, mk, color="k", ms=9, label=s)
+            _mark_off_scale(ax, off, shown, metric, methods, colors)
             ax.set_xticks([])
             ax.set_title(ds if i == 0 else "", fontsize=9)
             ax.tick_params(labelsize=7)
@@ -420,6 +427,41 @@ def plot_summary(
     fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=6, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
+
+
+def off_scale(values: Mapping[str, float], width: float = 20.0) -> set[str]:
+    """Keys of ``values`` more than ``width`` median absolute deviations from
+    their median (e.g. a mean over splits dominated by one split's collapse):
+    plotted at the panel's edge with their value written, so they do not
+    flatten everyone else's points.  Needs at least 4 values."""
+    if len(values) < 4:
+        return set()
+    v = np.array(list(values.values()), float)
+    med = np.median(v)
+    mad = np.median(np.abs(v - med))
+    if mad == 0:
+        return set()
+    return {k for k, x in values.items() if abs(x - med) > width * mad}
+
+
+def _mark_off_scale(ax, off, shown, metric, methods, colors) -> None:
+    """An edge triangle and the value for each off-scale method of a panel."""
+    lo, hi = ax.get_ylim()
+    for m in sorted(off):
+        k = list(methods).index(m)
+        val = shown[m][metric]
+        y, mk, va = (lo, "v", "bottom") if val < lo else (hi, "^", "top")
+        ax.plot(k, y, mk, color=colors[k % len(colors)], ms=8, clip_on=False)
+        ax.annotate(
+            f"{m}\n{val:.3g}\n(off scale)",
+            (k, y),
+            fontsize=6,
+            ha="center",
+            va=va,
+            xytext=(0, 6 if va == "bottom" else -6),
+            textcoords="offset points",
+        )
+    ax.set_ylim(lo, hi)
 
 
 def setting_label(chosen: dict) -> str:
