@@ -134,8 +134,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.progress = True
     # hyper-parameter search (dualflow/benchmarks/uci_search.py): candidates per
     # (data set, method), the same for every method; 1 = only the setting below.
-    # Full run on 2 cores (extrapolated from timed groups): ~2.3 h at 4, ~2.8 h
-    # at 5, ~3.2 h at 6 (a group costs ~2.1x / 2.6x / 3.0x the old protocol's)
+    # Full run on 2 cores: 76 min measured at 4 (2026-12-02, results/uci/);
+    # the cost grows about linearly with the budget (a group at 6 costs ~1.4x
+    # one at 4)
     c.search_budget = 4
     c.search_seed = 0  # order of the grid points after the first candidate
     # independent trainings per candidate and split in the search; each

@@ -44,8 +44,9 @@ old single-setting protocol.
 bp 3.0x, protein bp 3.3x, boston reparam 2.3x, boston mc_dropout 2.7x -- the
 sampling methods gain from evaluating test rows once), 4 candidates 2.1x
 (boston bp).  The old full table took 53 min; with ``bp_het``, ``bp_von`` and a
-``bp_ng`` that no longer stops early (~64 min of old-protocol work) a full
-run is about 2.3 h at budget 4 (the default), 2.8 h at 5 and 3.2 h at 6.
+``bp_ng`` that no longer stops early, the full run at budget 4 (the default)
+was extrapolated at 2.3 h but measured 76 min (2026-12-02, ``results/uci/``),
+so about 1.8 h at 6.
 
 **Grid, not Optuna** (``pip index versions optuna``: 5.0.0; not a dependency).
 Measured on this 2-core machine (boston, bp, 20 splits, 6 candidates of one
