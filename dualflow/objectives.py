@@ -71,20 +71,25 @@ def gaussian_nll(pred: Gaussian, y: Array, noise_var: Array | float) -> Array:
     return 0.5 * (_LOG_2PI + jnp.log(s) + (y - pred.mean) ** 2 / s)
 
 
-def heteroscedastic_noise(log_noise: Gaussian) -> Array:
-    """Noise variance ``E[exp(z)] = exp(m_z + P_z / 2)`` for the belief
-    ``z ~ N(m_z, P_z)`` over a log-variance output (log-normal mean)."""
+def heteroscedastic_noise(log_noise: Gaussian, min_var: float = 0.0) -> Array:
+    """Noise variance ``min_var + E[exp(z)] = min_var + exp(m_z + P_z / 2)``
+    for the belief ``z ~ N(m_z, P_z)`` over a log-variance output (log-normal
+    mean).  ``min_var`` is a floor (deep ensembles use 1e-6): without it a
+    network can drive the noise towards 0 on near-deterministic data."""
     log_noise = as_gaussian(log_noise, "heteroscedastic log_noise")
-    return jnp.exp(log_noise.mean + 0.5 * log_noise.var)
+    return min_var + jnp.exp(log_noise.mean + 0.5 * log_noise.var)
 
 
-def heteroscedastic_nll(pred: Gaussian, log_noise: Gaussian, y: Array) -> Array:
+def heteroscedastic_nll(
+    pred: Gaussian, log_noise: Gaussian, y: Array, min_var: float = 0.0
+) -> Array:
     """Gaussian NLL with per-example noise from a log-variance output.
 
     The noise variance is :func:`heteroscedastic_noise` of the belief over the
-    log-variance output; the uncertainty of ``z`` beyond that is ignored.
+    log-variance output (with its floor ``min_var``); the uncertainty of ``z``
+    beyond that is ignored.
     """
-    return gaussian_nll(pred, y, heteroscedastic_noise(log_noise))
+    return gaussian_nll(pred, y, heteroscedastic_noise(log_noise, min_var))
 
 
 # --------------------------------------------------------------------------

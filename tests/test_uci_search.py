@@ -278,11 +278,14 @@ def test_every_method_runs_through_the_search(tmp_path):
 
 
 # ----------------------------------------------------- heteroscedastic bp
-def test_heteroscedastic_bp_predictive_matches_monte_carlo(x64):
+@pytest.mark.parametrize("floor", [0.0, 0.5])
+def test_heteroscedastic_bp_predictive_matches_monte_carlo(x64, floor):
     """A linear heteroscedastic Regressor: bp's output beliefs are exact, so its
-    predictive density E_w N(y; f_w, exp g_w) is what weight sampling
+    predictive density E_w N(y; f_w, floor + exp g_w) is what weight sampling
     (reparam) estimates.  The quadrature must agree with an S-sample Monte
-    Carlo estimate within 4 of its standard errors (delta method on log)."""
+    Carlo estimate within 4 of its standard errors (delta method on log);
+    ``floor`` is the likelihood's noise floor, in both."""
+    lik = dnn.Likelihood("heteroscedastic", min_noise_var=floor)
     model = dnn.Regressor(
         2, (), 1, heteroscedastic=True, rngs=nnx.Rngs(1), param_dtype=jnp.float64
     )
@@ -292,9 +295,9 @@ def test_heteroscedastic_bp_predictive_matches_monte_carlo(x64):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(5, 2)))
     out = dnn.apply(model, x, dnn.Method("bp"))
-    sd = np.sqrt(out.var[:, :1] + np.exp(out.mean[:, 1:]))
+    sd = np.sqrt(out.var[:, :1] + floor + np.exp(out.mean[:, 1:]))
     y = out.mean[:, :1] + jnp.linspace(-2, 2, 5)[:, None] * sd
-    ll = np.asarray(heteroscedastic_bp_log_likelihood(out, y))
+    ll = np.asarray(heteroscedastic_bp_log_likelihood(out, y, min_var=floor))
     assert ll.shape == (5,)
 
     s = 100_000
@@ -302,11 +305,12 @@ def test_heteroscedastic_bp_predictive_matches_monte_carlo(x64):
         model,
         x,
         method=dnn.Method("reparam"),
-        likelihood=dnn.Likelihood("heteroscedastic"),
+        likelihood=lik,
         key=jax.random.key(0),
         num_samples=s,
     )
     m, v = np.asarray(pred.sample_mean[..., 0]), np.asarray(pred.sample_var[..., 0])
+    assert v.min() > floor  # the floor is in every sample's noise
     dens = np.exp(-0.5 * (np.log(2 * np.pi * v) + (np.asarray(y[:, 0]) - m) ** 2 / v))
     p_hat = dens.mean(0)
     se_log = dens.std(0, ddof=1) / math.sqrt(s) / p_hat
@@ -318,11 +322,47 @@ def test_heteroscedastic_bp_predictive_matches_monte_carlo(x64):
             model,
             x,
             method=dnn.Method("bp"),
-            likelihood=dnn.Likelihood("heteroscedastic"),
+            likelihood=lik,
         ),
         y,
     )
     assert np.max(np.abs(np.asarray(mm) - ll)) > 4 * se_log.max()
+
+
+def test_noise_floor_enters_training_prediction_and_fingerprint():
+    """``min_noise_var`` adds to the heteroscedastic noise variance in the
+    training NLL and the closed-form predictive; it is refused where it has no
+    meaning; the UCI fingerprint carries it only when set."""
+    from dualflow import objectives
+    from dualflow.gaussian import Gaussian
+    from dualflow.nn.methods import _nll
+
+    z = Gaussian(jnp.array([-30.0, 0.0]), jnp.array([0.0, 0.5]))
+    noise = objectives.heteroscedastic_noise(z, 1e-6)
+    np.testing.assert_allclose(noise, 1e-6 + np.exp([-30.0, 0.25]), rtol=1e-6)
+    model = dnn.Regressor(2, (3,), 1, heteroscedastic=True, rngs=nnx.Rngs(0))
+    x = jnp.ones((4, 2))
+    y = jnp.zeros((4, 1))
+    bp = dnn.Method("bp")
+    out = dnn.apply(model, x, bp)
+    for floor in (0.0, 0.3):
+        lik = dnn.Likelihood("heteroscedastic", min_noise_var=floor)
+        pred = dnn.predict(model, x, method=bp, likelihood=lik)
+        noise = np.exp(out.mean[:, 1:] + 0.5 * out.var[:, 1:])
+        np.testing.assert_allclose(pred.var, out.var[:, :1] + floor + noise, rtol=1e-6)
+        ref = objectives.gaussian_nll(
+            Gaussian(out.mean[:, :1], out.var[:, :1]), y, floor + noise
+        )
+        np.testing.assert_allclose(_nll(model, out, y, bp, lik), ref[:, 0], rtol=1e-6)
+    for bad, kind in ((-1e-3, "heteroscedastic"), (1e-6, "gaussian")):
+        with pytest.raises(ValueError, match="min_noise_var"):
+            dnn.Likelihood(kind, min_noise_var=bad)
+    cfg = uci_bench.default_config()
+    assert "min_noise_var" not in uci_bench.config_fingerprint(cfg)
+    assert uci_bench._likelihood(cfg) == dnn.Likelihood("gaussian")
+    cfg.min_noise_var, cfg.heteroscedastic = 1e-6, True
+    assert uci_bench.config_fingerprint(cfg)["min_noise_var"] == 1e-6
+    assert uci_bench._likelihood(cfg).min_noise_var == 1e-6
 
 
 # ------------------------------------------------------------------ script

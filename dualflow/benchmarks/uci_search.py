@@ -287,13 +287,14 @@ def _trailing_mean(v: np.ndarray, width: int) -> np.ndarray:
 
 
 def heteroscedastic_bp_log_likelihood(
-    out: Gaussian, y: jax.Array, order: int = GH_ORDER
+    out: Gaussian, y: jax.Array, order: int = GH_ORDER, min_var: float = 0.0
 ) -> jax.Array:
     """Log predictive density ``[N]`` of a heteroscedastic bp output.
 
     ``out [N, 2d]`` holds beliefs over the means and the log noise variances
     ``z``; the predictive of ``y`` is ``E_z N(y; m, P + exp z)`` with
-    ``z ~ N(m_z, P_z)`` (a Gaussian scale mixture), integrated by
+    ``z ~ N(m_z, P_z)`` (a Gaussian scale mixture; ``min_var`` is the noise
+    floor of :class:`~dualflow.nn.methods.Likelihood`), integrated by
     ``order``-point Gauss-Hermite quadrature per output dim, then summed over
     the dims (independent beliefs).
     """
@@ -303,7 +304,7 @@ def heteroscedastic_bp_log_likelihood(
     t, w = np.polynomial.hermite_e.hermegauss(order)
     logw = jnp.asarray(np.log(w / math.sqrt(2 * math.pi)), m.dtype)
     t = jnp.asarray(t, m.dtype).reshape(-1, *([1] * m.ndim))
-    var = p[None] + jnp.exp(mz[None] + jnp.sqrt(pz)[None] * t)
+    var = p[None] + min_var + jnp.exp(mz[None] + jnp.sqrt(pz)[None] * t)
     y = y.reshape(m.shape)
     lp = -0.5 * (jnp.log(2 * math.pi * var) + (y - m) ** 2 / var)
     logw = logw.reshape(-1, *([1] * m.ndim))
@@ -326,7 +327,9 @@ def _eval_fn(spec: _uci.MethodSpec, lik: Likelihood, num_samples: int, se: bool)
             out = apply(model, x, spec.method)
             mean = out.mean[..., : out.shape[-1] // 2]
             metrics = {
-                "ll": heteroscedastic_bp_log_likelihood(out, y).mean(),
+                "ll": heteroscedastic_bp_log_likelihood(
+                    out, y, min_var=lik.min_noise_var
+                ).mean(),
                 "se": ((mean - y.reshape(mean.shape)) ** 2).mean(),
             }
         else:

@@ -52,17 +52,32 @@ class Likelihood:
         (expected log-softmax) or ``"mean"``.
       noise_var: Gaussian observation noise variance.  ``None``: learned; the
         model must then have an ``nnx.Param`` attribute ``log_noise_var``.
+      min_noise_var: ``"heteroscedastic"`` only: a floor added to the
+        per-example noise variance, ``min_noise_var + exp(z)``, in training and
+        prediction (0: none).
     """
 
     kind: str = "categorical"
     head: str = "probit"
     noise_var: float | None = None
+    min_noise_var: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ("categorical", "gaussian", "heteroscedastic"):
             raise ValueError(
                 "likelihood kind must be 'categorical', 'gaussian' or"
                 f" 'heteroscedastic', got {self.kind!r}."
+            )
+        if not (
+            isinstance(self.min_noise_var, int | float) and self.min_noise_var >= 0
+        ):
+            raise ValueError(
+                f"min_noise_var must be a number >= 0, got {self.min_noise_var!r}."
+            )
+        if self.min_noise_var and self.kind != "heteroscedastic":
+            raise ValueError(
+                "min_noise_var applies to the 'heteroscedastic' likelihood only;"
+                f" got kind {self.kind!r} (set noise_var for fixed noise)."
             )
 
     @property
@@ -105,7 +120,9 @@ def _nll(model, out, y, method: Method, lik: Likelihood) -> Array:
     pred = out if bp else Gaussian(out, jnp.zeros_like(out))
     if lik.kind == "heteroscedastic":
         mean, log_noise = _split_heteroscedastic(pred)
-        nll = objectives.heteroscedastic_nll(mean, log_noise, y.reshape(mean.shape))
+        nll = objectives.heteroscedastic_nll(
+            mean, log_noise, y.reshape(mean.shape), lik.min_noise_var
+        )
     else:
         y = y.reshape(pred.shape)
         nll = objectives.gaussian_nll(pred, y, _noise_var(model, lik))
@@ -337,7 +354,9 @@ def _predict(model, x, method, likelihood, key, num_samples) -> Predictive:
             return Predictive(probs=probs, sample_probs=sp)
         if likelihood.kind == "heteroscedastic":
             out, log_noise = _split_heteroscedastic(out)
-            noise = objectives.heteroscedastic_noise(log_noise)
+            noise = objectives.heteroscedastic_noise(
+                log_noise, likelihood.min_noise_var
+            )
         else:
             noise = _noise_var(model, likelihood)
         var = out.var + noise
@@ -357,7 +376,8 @@ def _predict(model, x, method, likelihood, key, num_samples) -> Predictive:
         return Predictive(probs=sp.mean(0), sample_probs=sp)
     if likelihood.kind == "heteroscedastic":
         d = outs.shape[-1] // 2
-        return _mixture(outs[..., :d], jnp.exp(outs[..., d:]))
+        noise = likelihood.min_noise_var + jnp.exp(outs[..., d:])
+        return _mixture(outs[..., :d], noise)
     noise = _noise_var(model, likelihood)
     return _mixture(outs, jnp.broadcast_to(noise, outs.shape))
 
