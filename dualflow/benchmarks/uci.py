@@ -258,14 +258,20 @@ def method_spec(name: str, cfg: Any) -> MethodSpec:
     )
 
 
+def _field(cfg: Mapping | Any, name: str, default: Any) -> Any:
+    """``cfg.<name>`` (``cfg[name]`` of a mapping), or ``default`` where a
+    config written before the field existed lacks it."""
+    try:
+        return cfg[name] if isinstance(cfg, Mapping) else getattr(cfg, name)
+    except (AttributeError, KeyError):
+        return default
+
+
 def _likelihood(cfg) -> Likelihood:
     if not cfg.heteroscedastic:
         return Likelihood("gaussian")
-    try:  # absent in older configs
-        floor = cfg.min_noise_var
-    except (AttributeError, KeyError):
-        floor = 0.0
-    return Likelihood("heteroscedastic", min_noise_var=float(floor))
+    floor = float(_field(cfg, "min_noise_var", 0.0))
+    return Likelihood("heteroscedastic", min_noise_var=floor)
 
 
 def _factory(spec: MethodSpec, cfg, d_in: int, n_hidden: int):
@@ -629,18 +635,12 @@ def config_fingerprint(cfg: Mapping | Any) -> dict:
 
     out = {"protocol_version": PROTOCOL_VERSION}
     out.update({k: _plain(get(k)) for k in keys})
-    try:  # only when not 1: records of runs before the field existed stay valid
-        seeds = get("search_seeds")
-    except (AttributeError, KeyError):
-        seeds = 1
-    if seeds != 1:
-        out["search_seeds"] = _plain(seeds)
-    try:  # likewise: only when set
-        floor = get("min_noise_var")
-    except (AttributeError, KeyError):
-        floor = 0.0
-    if floor:
-        out["min_noise_var"] = _plain(floor)
+    # fields added later enter only when not at their default, so records of
+    # runs from before they existed stay valid
+    for k, default in (("search_seeds", 1), ("min_noise_var", 0.0)):
+        v = _field(cfg, k, default)
+        if v != default:
+            out[k] = _plain(v)
     for section in ("ng", "von"):  # the optimiser settings of bp_ng / bp_von
         sub = get(section)
         sub = sub.to_dict() if hasattr(sub, "to_dict") else dict(sub)

@@ -378,10 +378,7 @@ def search_seeds_of(cfg: Any) -> int:
     Raises:
       ValueError: not an integer >= 1.
     """
-    try:
-        reps = cfg.search_seeds
-    except (AttributeError, KeyError):
-        return 1
+    reps = _uci._field(cfg, "search_seeds", 1)
     if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
         raise ValueError(f"config.search_seeds must be an integer >= 1, got {reps!r}.")
     return reps
@@ -540,7 +537,7 @@ def select_group(
         val[cpos] = hist["ll"].reshape(len(cpos), s, reps, -1)
     # a candidate's curve is the mean over its independent trainings (any
     # non-finite one makes the point non-finite: the candidate is unstable)
-    val = val.mean(axis=2) if reps > 1 else val[:, :, 0]
+    val = val.mean(axis=2)  # one training: its curve, bit for bit
     best_c, best_e, best_ll = select(val)
     if not np.all(np.isfinite(best_ll)):
         bad = [k for k, v in zip(split_ids, best_ll, strict=True) if not np.isfinite(v)]
